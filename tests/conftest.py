@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.tiny_model import build_tiny_model, build_tiny_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_no_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer-plain"), chat_template=None)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "ws"
+    monkeypatch.setenv("TUNELOOP_HOME", str(root))
+    return root
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def write_config(directory: Path, model: Path | str, sources: list[dict[str, Any]], **data: Any) -> Path:
+    """A loop config for tests; filters default to off so each test turns on what it checks."""
+    filters = data.pop("filters", {})
+    filters.setdefault("near_duplicates", {"enabled": False})
+    filters.setdefault("toxicity", {"enabled": False})
+    filters.setdefault("min_tokens", 1)
+    config = {
+        "model": {"base": str(model)},
+        "data": {"sources": sources, "max_seq_len": 256, "filters": filters, **data},
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
