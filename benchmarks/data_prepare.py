@@ -76,8 +76,10 @@ def run_baseline(tsv: Path, tokenizer: object) -> float:
     def tokenize(batch: dict) -> dict:
         texts = [
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{INSTRUCTION}\n\n{sentence}"},
-                 {"role": "assistant", "content": labels[int(label)]}],
+                [
+                    {"role": "user", "content": f"{INSTRUCTION}\n\n{sentence}"},
+                    {"role": "assistant", "content": labels[int(label)]},
+                ],
                 tokenize=False,
             )
             for sentence, label in zip(batch["sentence"], batch["label"], strict=True)
@@ -119,8 +121,10 @@ def main() -> None:
         table.add_row(name, f"{seconds:.2f}", f"{rows / seconds:,.0f}", f"{baseline / seconds:.2f}x")
     console = Console()
     console.print(table)
-    console.print(f"filters removed: { {k: v for k, v in summary['filtered'].items() if v} }; "
-                  f"kept {summary['train_rows'] + summary['val_rows']} of {summary['rows_read']}")
+    console.print(
+        f"filters removed: { {k: v for k, v in summary['filtered'].items() if v} }; "
+        f"kept {summary['train_rows'] + summary['val_rows']} of {summary['rows_read']}"
+    )
 
 
 if __name__ == "__main__":

@@ -78,3 +78,23 @@ def test_truncate() -> None:
 
     cut = truncate(Rendered("t", [1, 2, 3, 4], [-100, 2, 3, 4]), 3)
     assert cut.input_ids == [1, 2, 3] and cut.labels == [-100, 2, 3] and cut.truncated
+
+
+def test_shape_fast_path_matches_the_template_and_falls_back_when_content_is_transformed(tokenizer) -> None:
+    samples = [
+        chat(("system", f"S{i}", False), ("user", f"question {i}  ", False), ("assistant", f" answer {i} ", True))
+        for i in range(12)
+    ]
+    renderer = ChatRenderer(tokenizer)
+    for sample in samples:
+        assert renderer.render_text(sample) == renderer._render_slow(sample.messages)
+    trimming = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    trimming.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    trimming_renderer = ChatRenderer(trimming)
+    for sample in samples:
+        rendered = trimming_renderer.render_text(sample)
+        assert rendered == trimming_renderer._render_slow(sample.messages)
+        assert "answer" in rendered.text[rendered.spans[0][0] : rendered.spans[0][1]]

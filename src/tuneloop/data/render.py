@@ -12,6 +12,7 @@ never by token id, so a tokenizer whose pad token equals EOS still learns to emi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ class ChatRenderer:
         self.eos_id: int | None = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ValueError("the tokenizer has no EOS token; set one before preparing data")
+        self._shapes: dict[tuple[tuple[str, bool], ...], _Shape | None] = {}
 
     def render(self, sample: Sample) -> Rendered:
         """Render and tokenize one sample (see `encode` for many at once)."""
@@ -58,10 +60,39 @@ class ChatRenderer:
     def render_text(self, sample: Sample) -> RenderedText:
         if sample.kind == "text":
             return RenderedText(sample.messages[0].content, None, add_special_tokens=True)
-        as_dicts = [{"role": message.role, "content": message.content} for message in sample.messages]
+        fast = self._render_by_shape(sample.messages)
+        if fast is not None:
+            return fast
+        return self._render_slow(sample.messages)
+
+    def _render_slow(self, messages: list[Message]) -> RenderedText:
+        as_dicts = [{"role": message.role, "content": message.content} for message in messages]
         text = self._template(as_dicts)
-        spans = None if self.train_on == "all" else self._trained_spans(sample.messages, as_dicts, text)
+        spans = None if self.train_on == "all" else self._trained_spans(messages, as_dicts, text)
         return RenderedText(text, spans)
+
+    def _render_by_shape(self, messages: list[Message]) -> RenderedText | None:
+        """Fast path: render each conversation *shape* (roles, trained flags) once with placeholder contents, then
+        fill in each row's texts by string substitution. Rendering every row through Jinja (twice, for the loss
+        spans) dominated preparation time. A shape is trusted only after its first rows matched the real render;
+        templates that transform content (trim, content-dependent branches) fail that check and stay on the slow
+        path."""
+        if any(_PLACEHOLDER_START in message.content for message in messages):
+            return None
+        key = tuple((message.role, message.train) for message in messages)
+        if key not in self._shapes:
+            self._shapes[key] = _Shape.build(self, messages)
+        shape = self._shapes[key]
+        if shape is None:
+            return None
+        fast = shape.fill([message.content for message in messages])
+        if shape.checks_left > 0:
+            shape.checks_left -= 1
+            slow = self._render_slow(messages)
+            if (slow.text, slow.spans) != (fast.text, fast.spans):
+                self._shapes[key] = None
+                return slow
+        return fast
 
     def encode(self, items: list[RenderedText]) -> list[Rendered]:
         """Tokenize rendered texts in one batch call (the Rust tokenizer runs it in parallel) and label them."""
@@ -125,6 +156,68 @@ class ChatRenderer:
         rendered.labels.append(self.eos_id)
         rendered.text += self.tokenizer.eos_token or ""
         return rendered
+
+
+_PLACEHOLDER_START, _PLACEHOLDER_END = "\ue000", "\ue001"
+_SPAN_START, _SPAN_END = "\ue002", "\ue003"
+_PART = re.compile(r"(\ue000\d+\ue001|\ue002|\ue003)")
+
+
+@dataclass
+class _Shape:
+    """A chat template rendered once for one conversation shape: literal pieces, content slots and span marks."""
+
+    parts: list[str | int]  # literal text, or the index of the message whose content goes there; -1/-2: span start/end
+    trained: bool
+    checks_left: int = 8
+
+    @classmethod
+    def build(cls, renderer: ChatRenderer, messages: list[Message]) -> _Shape | None:
+        stand_ins = [
+            Message(message.role, f"{_PLACEHOLDER_START}{index}{_PLACEHOLDER_END}", message.train)
+            for index, message in enumerate(messages)
+        ]
+        try:
+            rendered = renderer._render_slow(stand_ins)
+        except RowError:
+            return None
+        text = rendered.text
+        marked = text
+        for start, end in reversed(rendered.spans or []):
+            marked = marked[:start] + _SPAN_START + marked[start:end] + _SPAN_END + marked[end:]
+        parts: list[str | int] = []
+        for piece in _PART.split(marked):
+            if not piece:
+                continue
+            if piece == _SPAN_START:
+                parts.append(-1)
+            elif piece == _SPAN_END:
+                parts.append(-2)
+            elif piece.startswith(_PLACEHOLDER_START):
+                parts.append(int(piece[1:-1]))
+            else:
+                parts.append(piece)
+        if sum(1 for part in parts if isinstance(part, int) and part >= 0) != len(messages):
+            return None  # the template dropped or repeated a message: not a plain substitution
+        return cls(parts, trained=rendered.spans is not None)
+
+    def fill(self, contents: list[str]) -> RenderedText:
+        pieces: list[str] = []
+        spans: list[tuple[int, int]] = []
+        position = 0
+        span_start = 0
+        for part in self.parts:
+            if isinstance(part, str):
+                pieces.append(part)
+                position += len(part)
+            elif part == -1:
+                span_start = position
+            elif part == -2:
+                spans.append((span_start, position))
+            else:
+                pieces.append(contents[part])
+                position += len(contents[part])
+        return RenderedText("".join(pieces), spans if self.trained else None)
 
 
 def _labels_for(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None) -> list[int]:
