@@ -35,6 +35,24 @@ def test_unknown_models_fail_with_alternatives(spec: str, message: str, tmp_path
     assert "smollm2-135m-instruct" in (error.value.hint or "")
 
 
+def test_gguf_file_and_config_relative_paths(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tuneloop.config_file import load_config
+    from tuneloop.models import bundled_gguf_path
+
+    gguf = bundled_gguf_path("smollm2-135m-instruct")
+    ref = resolve_base(str(gguf), Workspace(tmp_path))
+    assert ref.kind == "gguf" and ref.gguf_path == gguf and ref.folder.parent == tmp_path / "models"
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "template.jinja").write_text("{{ messages }}")
+    (tmp_path / "cfg" / "model").symlink_to(tiny_model_dir)
+    (tmp_path / "cfg" / "c.yaml").write_text("model:\n  base: model\n  chat_template: template.jinja\n")
+    config = load_config(tmp_path / "cfg" / "c.yaml")
+    assert config.base_model_spec() == str((tmp_path / "cfg" / "model").resolve())
+    assert config.chat_template_spec() == str(tmp_path / "cfg" / "template.jinja")
+    tokenizer = load_tokenizer(resolve_base(config.base_model_spec(), Workspace(tmp_path)), config.chat_template_spec())
+    assert tokenizer.chat_template == "{{ messages }}"
+
+
 def test_empty_folder_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelResolutionError, match="holds no Hugging Face model"):

@@ -246,6 +246,22 @@ class LoopConfig(_Section):
             return candidate.resolve()
         return (self._config_dir / candidate).resolve()
 
+    def base_model_spec(self) -> str:
+        """`model.base`, with a relative local path made absolute against the config file's folder."""
+        spec = self.model.base
+        if self._config_dir is not None and not Path(spec).is_absolute():
+            local = self._config_dir / spec
+            if local.exists():
+                return str(local.resolve())
+        return spec
+
+    def chat_template_spec(self) -> str | None:
+        """`model.chat_template`, with a relative `.jinja` path resolved like every other path."""
+        template = self.model.chat_template
+        if template is not None and template.endswith(".jinja"):
+            return str(self.resolve_path(template))
+        return template
+
     def section_dump(self, section: str) -> dict[str, Any]:
         """One section as plain JSON-able data (used in fingerprints and lineage)."""
         return getattr(self, section).model_dump(mode="json")

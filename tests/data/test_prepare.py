@@ -173,3 +173,22 @@ def test_filters_can_be_switched_on_from_the_cli(
     result = runner.invoke(app, ["data", "prepare", "-c", str(config), "--set", set_value, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["train_rows"] > 0
+
+
+@pytest.mark.slow
+def test_quickstart_with_the_real_smollm2_tokenizer(workspace: Path) -> None:
+    """`make demo`'s job on a smaller slice: bundled model, built-in data, SmolLM2's own chat template."""
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    result = runner.invoke(
+        app, ["data", "prepare", "-c", str(quickstart), "--set", "data.sources.0.num_rows=300", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert list(summary["detected_formats"].values()) == ["alpaca"]
+    assert summary["train_rows"] + summary["val_rows"] == 300 - summary["quarantined"]
+    assert summary["train_samples"] < summary["train_rows"]  # packed
+    manifest = json.loads((Path(summary["path"]) / "manifest.json").read_text())
+    assert manifest["tokenizer"]["eos_token"] == "<|im_end|>" and manifest["tokenizer"]["pad_equals_eos"]
+    assert manifest["model"]["chat_template_source"] == "tokenizer"
+    markdown = (Path(summary["path"]) / "report.md").read_text()
+    assert '<|im_start|>assistant\n⟦{"name": ' in markdown and "<|im_end|>\n⟧" in markdown

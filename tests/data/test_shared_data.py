@@ -46,7 +46,7 @@ def test_real_dataset(
     tiny_model_dir: Path,
     workspace: Path,
 ) -> None:
-    path = shared_data / relative
+    path = (shared_data / relative).resolve()
     config = write_config(
         tmp_path,
         tiny_model_dir,

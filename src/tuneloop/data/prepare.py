@@ -97,9 +97,9 @@ def prepare_dataset(
             "data.sources is empty", hint="add at least one source, e.g. data.sources: [{path: my.jsonl}]"
         )
     source_paths = [_source_path(config, source, workspace) for source in data.sources]
-    base = resolve_base(config.model.base, workspace)
+    base = resolve_base(config.base_model_spec(), workspace)
     with console.status(f"loading tokenizer of {config.model.base}"):
-        tokenizer = load_tokenizer(base, config.model.chat_template)
+        tokenizer = load_tokenizer(base, config.chat_template_spec())
     fingerprint_inputs = {
         "pipeline_version": PIPELINE_VERSION,
         "sources": [tree_sha256(path) for path in source_paths],
