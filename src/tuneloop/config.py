@@ -7,7 +7,7 @@ descriptions, and `tuneloop config schema` prints the JSON schema.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -265,3 +265,14 @@ class LoopConfig(_Section):
     def section_dump(self, section: str) -> dict[str, Any]:
         """One section as plain JSON-able data (used in fingerprints and lineage)."""
         return getattr(self, section).model_dump(mode="json")
+
+
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section (a BaseModel) inside a field's annotation, e.g. `list[SourceConfig]` -> SourceConfig."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = nested_model(arg)
+        if found is not None:
+            return found
+    return None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from tuneloop.config import LoopConfig
+from tuneloop.config import LoopConfig, nested_model
 
 
 def config_reference() -> str:
@@ -20,7 +20,7 @@ def config_reference() -> str:
         "",
     ]
     for name, field in LoopConfig.model_fields.items():
-        model = _model_of(field.annotation)
+        model = nested_model(field.annotation)
         if model is None:
             continue
         lines += [f"## `{name}`", "", (model.__doc__ or "").strip(), ""]
@@ -33,7 +33,7 @@ def _table(model: type[BaseModel], prefix: str) -> list[str]:
     nested: list[tuple[str, type[BaseModel]]] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}.{name}"
-        inner = _model_of(field.annotation)
+        inner = nested_model(field.annotation)
         if inner is not None and not _is_list(field.annotation):
             nested.append((key, inner))
             continue
@@ -46,16 +46,6 @@ def _table(model: type[BaseModel], prefix: str) -> list[str]:
         lines += [f"### `{key}`", ""]
         lines += _table(inner, key)
     return lines
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _is_list(annotation: Any) -> bool:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tuneloop.config import LoopConfig
+from tuneloop.config import LoopConfig, nested_model
 from tuneloop.errors import ConfigError
 
 
@@ -126,20 +126,10 @@ def _suggestion(location: tuple[Any, ...]) -> str:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return ""
-        model = _inner_model(field.annotation)
+        model = nested_model(field.annotation)
         if model is None:
             return ""
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return ""
     close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(model.model_fields)}"
-
-
-def _inner_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None

@@ -37,14 +37,13 @@ def collate_packed(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[st
     Transformers build a block-diagonal mask (pass `use_cache=False`). Padding forms its own block at the end."""
     import torch
 
-    longest = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    batch = collate_padded(rows, pad_token_id)
+    del batch["attention_mask"]
+    longest = batch["input_ids"].shape[1]
     position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
     for index, row in enumerate(rows):
-        size = len(row["input_ids"])
-        input_ids[index, :size] = torch.tensor(row["input_ids"])
-        labels[index, :size] = torch.tensor(row["labels"])
+        size = len(row["position_ids"])
         position_ids[index, :size] = torch.tensor(row["position_ids"])
         position_ids[index, size:] = torch.arange(longest - size)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch["position_ids"] = position_ids
+    return batch
