@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 SourceFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 
@@ -170,28 +170,99 @@ class LoraConfig(_Section):
         return value
 
 
-class TrainConfig(_Section):
-    """Read by `tuneloop train`: method, optimisation and checkpointing."""
+class SweepParameter(_Section):
+    """One searched hyper-parameter: a numeric range (`low`/`high`, optionally `log`) or a list of `choices`."""
 
-    method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
+    low: float | None = Field(None, description="Lower bound of a numeric range.")
+    high: float | None = Field(None, description="Upper bound of a numeric range.")
+    log: bool = Field(False, description="Sample the range on a log scale (learning rates).")
+    integer: bool = Field(False, description="Sample whole numbers from the range.")
+    choices: list[float | int | str] | None = Field(None, description="Pick one of these values instead of a range.")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SweepParameter:
+        if self.choices is None and (self.low is None or self.high is None):
+            raise ValueError("give either `choices` or both `low` and `high`")
+        if self.choices is None and self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError("`low` must not exceed `high`")
+        return self
+
+
+class SweepConfig(_Section):
+    """Read by `tuneloop train --sweep N`: the Optuna search space and pruning."""
+
+    space: dict[str, SweepParameter] = Field(
+        default_factory=dict,
+        description=(
+            "Train-section keys to search, e.g. `{learning_rate: {low: 1e-5, high: 1e-3, log: true}, "
+            "lora.r: {choices: [8, 16, 32]}}`."
+        ),
+    )
+    prune: bool = Field(True, description="Stop unpromising trials early (median pruner on validation loss).")
+
+
+class TrainConfig(_Section):
+    """Read by `tuneloop train`: method, optimisation, evaluation, checkpoints, tracking and sweeps."""
+
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="`lora` (PEFT adapter), `qlora` (adapter on a 4-bit NF4 base), or `full` fine-tuning."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     epochs: float = Field(1.0, gt=0, description="Passes over the train split (ignored when `max_steps` is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Samples per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    batch_size: int = Field(4, ge=1, description="Samples per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="`auto`: bf16 where the hardware supports it (also on CPU), else fp32."
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% slower."
     )
-    eval_steps: int = Field(50, ge=1, description="Compute validation loss every N steps.")
-    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    seed: int = Field(42, description="Training seed.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description=(
+            "`auto`: bf16 where the hardware runs it fast (CUDA with bf16, or a CPU with AMX/AVX512-BF16), "
+            "fp16 on older GPUs, else fp32."
+        ),
+    )
+    eval_every: int = Field(50, ge=1, description="Compute the validation loss every N optimizer steps.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop when the validation loss has not improved for this many evaluations."
+    )
+    keep_best: bool = Field(
+        True, description="At the end, keep the checkpoint with the lowest validation loss (not just the last)."
+    )
+    save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (the best one is always kept).")
+    logging_every: int = Field(5, ge=1, description="Log loss, learning rate, grad norm, tokens/s every N steps.")
+    seed: int = Field(42, description="Training seed (model init of new weights, dropout, data order).")
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch (default: torch's choice). One thread is steadier on a busy machine.",
+    )
+    report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["mlflow"],
+        description="Trackers. MLflow is tuneloop's own; TensorBoard and W&B (offline unless WANDB_MODE says otherwise) "
+        "go through Transformers' integrations and need their packages installed.",
+    )
+    preflight: Literal["stop", "warn", "off"] = Field(
+        "stop", description="Memory preflight: stop (or warn) before loading when the estimate will not fit."
+    )
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @model_validator(mode="after")
+    def _best_needs_aligned_checkpoints(self) -> TrainConfig:
+        if self.keep_best and self.save_every % self.eval_every != 0:
+            raise ValueError(
+                f"keep_best needs save_every ({self.save_every}) to be a multiple of eval_every ({self.eval_every}); "
+                "change one of them or set keep_best: false"
+            )
+        return self
 
 
 class EvalConfig(_Section):

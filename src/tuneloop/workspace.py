@@ -55,6 +55,9 @@ class Workspace:
     def dataset_dir(self, dataset_id: str) -> Path:
         return self.datasets / dataset_id
 
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / run_id
+
 
 def fingerprint(*parts: Any) -> str:
     """A stable sha256 over JSON-able parts (dict keys sorted)."""

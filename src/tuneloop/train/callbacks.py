@@ -1,0 +1,135 @@
+"""Trainer callbacks: a rich progress bar (loss, tokens/s, ETA), throughput/memory metrics in the logs, crash
+injection for tests, and Optuna pruning."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+from tuneloop.train.device import peak_memory_mb
+from tuneloop.train.inputs import TokenCounter
+
+
+class ThroughputCallback(TrainerCallback):
+    """Training tokens/s and peak memory, added to every log entry (and so to every tracker).
+
+    The collator counts every batch it builds, evaluation batches too; those are taken out by noting the count at
+    each step's end and at each evaluation's end (evaluation runs between the two)."""
+
+    def __init__(self, counter: TokenCounter) -> None:
+        self.counter = counter
+        self.started = 0.0
+        self.start_tokens = 0
+        self.mark = 0
+        self.eval_tokens = 0
+        self.train_seconds = 0.0
+        self.final_tokens: int | None = None
+
+    def train_tokens(self) -> int:
+        if self.final_tokens is not None:
+            return self.final_tokens
+        return self.counter.tokens - self.start_tokens - self.eval_tokens
+
+    def tokens_per_second(self) -> float:
+        elapsed = self.train_seconds or (time.perf_counter() - self.started)
+        return self.train_tokens() / max(elapsed, 1e-9)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.perf_counter()
+        self.start_tokens = self.mark = self.counter.tokens
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.mark = self.counter.tokens
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.final_tokens is None:
+            self.eval_tokens += self.counter.tokens - self.mark
+            self.mark = self.counter.tokens
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs is None or "loss" not in logs:
+            return
+        logs["tokens_per_second"] = round(self.tokens_per_second(), 1)
+        logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.train_seconds = time.perf_counter() - self.started
+        self.final_tokens = _sum_over_processes(self.train_tokens())
+
+
+def _sum_over_processes(value: int) -> int:
+    """Data-parallel workers each count their own batches; the run's throughput is the sum."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    import torch
+
+    total = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+class RichProgressCallback(TrainerCallback):
+    """One progress bar for the run: step, loss, tokens/s, elapsed and ETA."""
+
+    def __init__(self, console: Console, throughput: ThroughputCallback) -> None:
+        self.console = console
+        self.throughput = throughput
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.loss = float("nan")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, loss="-", tps="-"
+        )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is None:
+            return
+        self.progress.update(
+            self.task,
+            completed=state.global_step,
+            loss=f"{self.loss:.4f}",
+            tps=f"{self.throughput.tokens_per_second():,.0f}",
+        )
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
+        if self.progress is not None and logs and "eval_loss" in logs:
+            self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class CrashAtStep(TrainerCallback):
+    """Raises after a given optimizer step: how tests (and `tuneloop run`'s fault injection) simulate a crash."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= self.step:
+            raise RuntimeError(f"injected crash after step {state.global_step}")

@@ -1,0 +1,38 @@
+"""The prepared dataset as training inputs: HF datasets over the parquet splits and a collator that counts tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tuneloop.data.collate import collate_packed, collate_padded
+from tuneloop.data.prepare import PreparedDataset
+
+
+@dataclass
+class TokenCounter:
+    """Real (non-pad) tokens seen by this process; read by the progress and tracking callbacks."""
+
+    tokens: int = 0
+
+
+class CountingCollator:
+    def __init__(self, packed: bool, pad_token_id: int, counter: TokenCounter) -> None:
+        self.packed = packed
+        self.pad_token_id = pad_token_id
+        self.counter = counter
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        self.counter.tokens += sum(len(row["input_ids"]) for row in rows)
+        if self.packed and "position_ids" in rows[0]:
+            return collate_packed(rows, self.pad_token_id)
+        return collate_padded(rows, self.pad_token_id)
+
+
+def load_splits(prepared: PreparedDataset) -> tuple[Any, Any | None]:
+    from datasets import Dataset
+
+    train = Dataset.from_parquet(str(prepared.path / "train.parquet"))
+    val = Dataset.from_parquet(str(prepared.path / "val.parquet")) if prepared.manifest["counts"]["val_rows"] else None
+    return train, val

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tuneloop.cli import app
+from tuneloop.config_file import load_config
+from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.train.callbacks import CrashAtStep
+from tuneloop.train.recipe import train_model
+from tuneloop.workspace import Workspace
+
+runner = CliRunner()
+
+
+def train_cli(config: Path, *args: str) -> dict:
+    result = runner.invoke(app, ["train", "-c", str(config), "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_lora_loss_decreases_and_adapter_loads_with_plain_peft(train_config, tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = train_cli(train_config())
+    assert summary["steps"] == 12 and summary["tokens"] > 0 and summary["tokens_per_second"] > 0
+    assert summary["peak_memory_mb"] > 0 and summary["mlflow_run_id"]
+    history = json.loads(
+        (Path(summary["run_dir"]) / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text()
+    )["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.3
+    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert evals[-1] < evals[0]
+    adapter = Path(summary["adapter_path"])
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
+        assert (adapter / name).exists(), name
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(base, adapter)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    ids = tokenizer("number 3 is", return_tensors="pt")
+    with torch.no_grad():
+        with tuned.disable_adapter():
+            plain = tuned(**ids).logits
+        adapted = tuned(**ids).logits
+    assert not torch.allclose(plain, adapted)
+
+
+def test_resume_after_a_crash_reaches_the_same_loss(train_config, workspace: Path) -> None:
+    config_path = train_config()
+    uninterrupted = train_model(load_config(config_path), Workspace.from_env())
+    crashed_config = load_config(config_path, ["train.seed=42"])
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train_model(crashed_config, Workspace.from_env(), callbacks=[CrashAtStep(6)])
+    resumed = train_cli(config_path, "--resume")
+    assert resumed["resumed_from"].endswith("checkpoint-4")
+    assert resumed["run_id"] != uninterrupted.run_id
+    assert resumed["steps"] == 12
+    assert resumed["train_loss"] == pytest.approx(uninterrupted.train_loss, abs=1e-4)
+    assert resumed["eval_loss"] == pytest.approx(uninterrupted.eval_loss, abs=1e-4)
+    # the resumed run logs into the same MLflow run as its first attempt
+    record = json.loads((Path(resumed["run_dir"]) / "run.json").read_text())
+    assert record["attempts"] == 2 and record["status"] == "finished"
+
+
+def test_mlflow_run_has_params_metrics_tags_and_artifacts(train_config, workspace: Path) -> None:
+    from mlflow import MlflowClient
+
+    summary = train_cli(train_config())
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lora.r"] == "8" and run.data.params["train.learning_rate"] == "0.01"
+    assert run.data.tags["tuneloop.data_fingerprint"] == summary["dataset_id"]
+    for metric in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb", "eval_loss"):
+        assert metric in run.data.metrics, metric
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 5
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "summary.json", "config.json", "report.html"} <= artifacts
+    assert "adapter/adapter_model.safetensors" in {
+        item.path for item in client.list_artifacts(run.info.run_id, "adapter")
+    }
+    with sqlite3.connect(workspace / "mlflow.db") as db:  # a real SQLite store in the workspace
+        assert db.execute("select count(*) from runs").fetchone()[0] == 1
+
+
+def test_full_fine_tuning_writes_safetensors(train_config) -> None:
+    from transformers import AutoModelForCausalLM
+
+    summary = train_cli(train_config(method="full", max_steps=4, learning_rate=0.001, report_to=[]))
+    assert summary["adapter_path"] is None and summary["mlflow_run_id"] is None
+    model_dir = Path(summary["model_path"])
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+    AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_unknown_target_module_is_a_clear_error(train_config) -> None:
+    result = runner.invoke(app, ["train", "-c", str(train_config()), "--set", "train.lora.target_modules=[qkv_proj]"])
+    assert result.exit_code == 2
+    assert "'qkv_proj' not found in the model" in result.output and "q_proj" in result.output
+
+
+def test_keep_best_needs_aligned_steps() -> None:
+    with pytest.raises(ConfigError, match="multiple of eval_every"):
+        load_config(None, ["train.save_every=10", "train.eval_every=4"])
+
+
+def test_qlora_without_a_backend_fails_fast(train_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A machine without a 4-bit backend cannot be had here (bitsandbytes works on this CPU): hide the module.
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    result = runner.invoke(app, ["train", "-c", str(train_config(method="qlora"))])
+    assert result.exit_code == 2
+    assert "needs a 4-bit backend" in result.output and "never silently" in result.output
+
+
+def test_memory_preflight_stops_with_advice() -> None:
+    from transformers import LlamaConfig
+
+    from tuneloop.train.memory import estimate_memory, preflight
+
+    config = LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16, vocab_size=32000
+    )
+    estimate = estimate_memory(config, "full", 16, 16, 2048, "fp32", False)
+    with pytest.raises(TuneloopError) as error:
+        preflight(estimate, available_mb=8000, mode="stop")
+    assert "gradient_checkpointing" in (error.value.hint or "") and "qlora" in (error.value.hint or "")
+    assert "needs ~" in preflight(estimate, available_mb=8000, mode="warn")
+    assert preflight(estimate, available_mb=8000, mode="off") is None
+    smaller = estimate_memory(config, "qlora", 16, 1, 512, "bf16", True)
+    assert smaller.total_mb < estimate.total_mb / 10
+
+
+def test_two_process_ddp_on_cpu_gives_one_adapter(train_config, workspace: Path) -> None:
+    summary = train_cli(train_config(max_steps=6, save_every=4, eval_every=2), "--nproc", "2")
+    assert summary["steps"] == 6
+    run_dir = Path(summary["run_dir"])
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert len(list(Path(workspace / "runs").iterdir())) == 1
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_qlora_trains_through_the_cli_and_says_which_backend_ran(train_config) -> None:
+    summary = train_cli(train_config(method="qlora", max_steps=4, eval_every=2, save_every=2, report_to=[]))
+    assert summary["quantization"].startswith("bitsandbytes") and "NF4 + double quantisation" in summary["quantization"]
+    assert (Path(summary["adapter_path"]) / "adapter_model.safetensors").exists()
+
+
+def test_qlora_gradients_are_right_after_an_eval_pass(tiny_model_dir: Path) -> None:
+    """The bitsandbytes CPU trap: a no-grad forward repacks 4-bit weights into an inference layout without backward,
+    and later gradients silently go wrong. tuneloop's loader must give the same gradients as a model never evaluated."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneloop.train.device import Precision
+    from tuneloop.train.recipe import _load_model
+
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = _load_model(str(tiny_model_dir), "qlora", Precision("bf16", "test"), gradient_checkpointing=False)
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    reference, after_eval = lora_grads(False), lora_grads(True)
+    assert reference.keys() == after_eval.keys() and reference
+    first_layer = [name for name in reference if "layers.0." in name and "lora_B" in name]
+    assert first_layer and all(reference[name].abs().sum() > 0 for name in first_layer)
+    for name in reference:
+        torch.testing.assert_close(after_eval[name], reference[name], atol=1e-3, rtol=1e-2)
