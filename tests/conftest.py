@@ -29,6 +29,23 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled SmolLM2-135M converted once per test session (GGUF -> safetensors takes ~20 s)."""
+    from tuneloop.models import materialize, resolve_base
+    from tuneloop.workspace import Workspace
+
+    return materialize(resolve_base("smollm2-135m-instruct", Workspace(tmp_path_factory.mktemp("smollm2-ws"))))
+
+
+@pytest.fixture
+def smollm2_workspace(workspace: Path, smollm2_folder: Path) -> Path:
+    """A fresh workspace whose model cache already holds the converted SmolLM2."""
+    (workspace / "models").mkdir(parents=True, exist_ok=True)
+    (workspace / "models" / "smollm2-135m-instruct").symlink_to(smollm2_folder)
+    return workspace
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -251,6 +251,7 @@ def _print_train_summary(summary: dict[str, Any]) -> None:
         ("train loss (last)", _fmt(summary["train_loss"])),
         ("eval loss", _fmt(summary["eval_loss"])),
         ("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB (estimated {summary['memory_estimate_mb']:,} MiB)"),
+        ("base weights in memory", f"{summary['model_memory_mb']:,.0f} MiB"),
         ("wall time", f"{summary['wall_seconds']:,.1f} s"),
         ("adapter" if summary["adapter_path"] else "model", summary["adapter_path"] or summary["model_path"]),
         ("mlflow run", summary["mlflow_run_id"] or "-"),

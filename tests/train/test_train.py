@@ -187,3 +187,35 @@ def test_qlora_gradients_are_right_after_an_eval_pass(tiny_model_dir: Path) -> N
     assert first_layer and all(reference[name].abs().sum() > 0 for name in first_layer)
     for name in reference:
         torch.testing.assert_close(after_eval[name], reference[name], atol=1e-3, rtol=1e-2)
+
+
+def test_sweep_runs_trials_prunes_and_marks_the_best(train_config, workspace: Path) -> None:
+    config = train_config(
+        max_steps=8,
+        eval_every=2,
+        save_every=4,
+        sweep={"space": {"learning_rate": {"low": 0.0005, "high": 0.05, "log": True}, "lora.r": {"choices": [4, 8]}}},
+    )
+    outcome = train_cli(config, "--sweep", "4")
+    assert len(outcome["trials"]) == 4
+    states = {trial["state"] for trial in outcome["trials"]}
+    assert states <= {"complete", "pruned"} and "complete" in states
+    best = [trial for trial in outcome["trials"] if trial["best"]]
+    assert len(best) == 1 and best[0]["number"] == outcome["best_trial"]
+    assert best[0]["value"] == min(t["value"] for t in outcome["trials"] if t["state"] == "complete")
+    assert set(outcome["best_params"]) == {"learning_rate", "lora.r"}
+    assert (workspace / "sweeps.db").exists()
+    assert json.loads((Path(outcome["storage"]).parent / "sweeps" / f"{outcome['study']}.json").read_text())
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    run_id = json.loads((workspace / "runs" / best[0]["run_id"] / "run.json").read_text())["mlflow_run_id"]
+    assert client.get_run(run_id).data.tags["tuneloop.sweep_best"] == "true"
+
+
+def test_sweep_without_a_space_or_with_a_bad_key_is_refused(train_config) -> None:
+    result = runner.invoke(app, ["train", "-c", str(train_config()), "--sweep", "2"])
+    assert result.exit_code == 2 and "train.sweep.space" in result.output
+    bad = train_config(sweep={"space": {"lr": {"low": 0.001, "high": 0.01}}})
+    result = runner.invoke(app, ["train", "-c", str(bad), "--sweep", "2"])
+    assert result.exit_code == 2 and "train.lr: unknown key" in result.output

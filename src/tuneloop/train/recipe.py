@@ -50,6 +50,7 @@ class TrainResult:
     quantization: str | None
     resumed_from: str | None
     memory_estimate_mb: float
+    model_memory_mb: float
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +120,7 @@ def train_model(
     set_seed(settings.seed)
     tokenizer = load_tokenizer(base, config.chat_template_spec())
     model = _load_model(base_source, settings.method, precision, settings.gradient_checkpointing)
+    model_memory_mb = round(model.get_memory_footprint() / 2**20, 1)
     if settings.method in ("lora", "qlora"):
         from peft import get_peft_model
 
@@ -162,12 +164,12 @@ def train_model(
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; the progress bar shows them
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except BaseException:
+    except BaseException as error:
         if is_main_process():
-            record.status = "failed"
+            record.status = "pruned" if type(error).__name__ == "TrialPruned" else "failed"
             record.save(run_dir)
             if tracker:
-                tracker.finish([], status="FAILED")
+                tracker.finish([], status="KILLED" if record.status == "pruned" else "FAILED")
         raise
 
     eval_loss = None
@@ -194,6 +196,7 @@ def train_model(
         quantization=quantization,
         resumed_from=str(checkpoint) if checkpoint else None,
         memory_estimate_mb=round(estimate.total_mb),
+        model_memory_mb=model_memory_mb,
     )
     if is_main_process():
         (run_dir / SUMMARY).write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
