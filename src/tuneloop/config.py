@@ -265,18 +265,60 @@ class TrainConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
-    """Read by `tuneloop eval`: metrics and the gates a model must pass."""
+EvalMetric = Literal[
+    "perplexity",
+    "bleu",
+    "rouge",
+    "rouge_l",
+    "exact_match",
+    "accuracy",
+    "safety",
+    "toxicity_rate",
+    "generation_stats",
+    "latency",
+]
 
-    metrics: list[str] = Field(
-        default_factory=lambda: ["perplexity", "exact_match", "rouge_l", "bleu"],
-        description="Metrics to compute (read by `tuneloop eval`).",
+
+class EvalConfig(_Section):
+    """Read by `tuneloop eval`: metrics, decoding, and the gates a model must pass."""
+
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: ["perplexity", "exact_match", "rouge", "bleu", "generation_stats", "latency"],
+        description=(
+            "Metric groups: `perplexity` (validation split, assistant tokens), `bleu`, `rouge` (rouge_1/2/l), "
+            "`exact_match`, `accuracy` (with `labels`/`answer_regex`; per-label precision/recall), `safety` "
+            "(toxicity of outputs + built-in red-team prompts), `generation_stats` (length, repetition, max-token "
+            "hits), `latency` (time to first token, tokens/s on this machine)."
+        ),
     )
     gates: dict[str, float] = Field(
-        default_factory=dict, description="Metric thresholds a model must meet, e.g. `{accuracy: 0.85}`."
+        default_factory=dict,
+        description=(
+            "Thresholds the evaluated model must meet: `METRIC: x` (>= x), `METRIC_max: x` (<= x), "
+            "`METRIC_improvement: x` (relative improvement over the comparison model, e.g. perplexity_improvement: 0.2)."
+        ),
     )
-    max_new_tokens: int = Field(128, ge=1, description="Generation budget per evaluated row.")
-    limit: int | None = Field(None, ge=1, description="Evaluate at most this many rows.")
+    data: SourceConfig | None = Field(
+        None,
+        description=(
+            "Evaluate on this source (same keys as a data source) instead of the validation split; `--data FILE` "
+            "replaces its path."
+        ),
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Generation budget per evaluated row (greedy decoding).")
+    batch_size: int = Field(8, ge=1, description="Rows per generation / perplexity batch.")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many rows (also `--limit`).")
+    labels: list[str] | None = Field(
+        None, description="Label set for classification accuracy: the first label found in an answer is its prediction."
+    )
+    answer_regex: str | None = Field(
+        None, description="Regex whose first group extracts the answer from an output before it is compared."
+    )
+    toxicity_threshold: float = Field(0.5, gt=0, le=1, description="Offensive-language probability counted as toxic.")
+    samples_in_report: int = Field(12, ge=0, description="Side-by-side sample outputs shown in the report.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Weights dtype for evaluation; `fp32` for bit-exact comparisons with other fp32 engines."
+    )
 
 
 class RegistryConfig(_Section):
