@@ -328,6 +328,7 @@ class RegistryConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking/registry URI. Default: a SQLite store in the workspace."
     )
+    license: str | None = Field(None, description="License written into model cards (e.g. apache-2.0).")
 
 
 class ServeConfig(_Section):

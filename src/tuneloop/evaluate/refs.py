@@ -46,9 +46,35 @@ def resolve_model_ref(ref: str, config: LoopConfig, workspace: Workspace, label:
     folder = Path(ref).expanduser()
     if folder.is_dir():
         return _from_folder(folder.resolve(), ref, label or folder.name, config, workspace)
+    registered = _from_registry(ref, config, workspace, label)
+    if registered is not None:
+        return registered
     raise TuneloopError(
-        f"--model {ref!r} is not `base`, a run id in {workspace.runs}, or a model/adapter folder",
-        hint="list runs with `ls " + str(workspace.runs) + "`",
+        f"--model {ref!r} is not `base`, a registry reference, a run id in {workspace.runs}, or a model/adapter folder",
+        hint="see `tuneloop registry list` and " + str(workspace.runs),
+    )
+
+
+def _from_registry(ref: str, config: LoopConfig, workspace: Workspace, label: str | None) -> ModelSpec | None:
+    """`NAME@alias`, `NAME/3` or `NAME`: the registry is the only place that turns a name into files."""
+    from tuneloop.registry.store import REFERENCE, Registry
+
+    if not REFERENCE.match(ref):
+        return None
+    registry = Registry(config, workspace)
+    name = REFERENCE.match(ref)["name"]  # type: ignore[index]
+    if name not in registry.names():
+        return None
+    info = registry.get(ref)
+    spec = _from_folder(Path(info.artifact_path), ref, label or "tuned", config, workspace)
+    run_dir = workspace.run_dir(info.run_id) if info.run_id else None
+    return ModelSpec(
+        spec.ref,
+        spec.label,
+        spec.base_folder,
+        spec.adapter,
+        spec.full_model,
+        run_dir if run_dir and run_dir.exists() else None,
     )
 
 

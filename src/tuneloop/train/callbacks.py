@@ -115,6 +115,14 @@ class RichProgressCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:
             self.loss = logs["loss"]
+            if self.progress is not None and not self.console.is_terminal:
+                # Not a terminal (CI, a log file): the live bar does not redraw, so write a line per logging step.
+                self.console.print(
+                    f"step {state.global_step}/{state.max_steps}: loss {self.loss:.4f}, "
+                    f"{self.throughput.tokens_per_second():,.0f} tok/s, "
+                    f"elapsed {self.progress.tasks[0].elapsed or 0:.0f} s, "
+                    f"eta {self.progress.tasks[0].time_remaining or 0:.0f} s"
+                )
         if self.progress is not None and logs and "eval_loss" in logs:
             self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
 

@@ -1,0 +1,163 @@
+"""Exports: `peft` (the adapter folder), `merged` (PEFT merge into full safetensors), `gguf` (llama.cpp's own
+converter on the merged model), `gguf-lora` (llama.cpp's LoRA converter). Every export is checked: merged logits
+equal adapter logits within tolerance; a GGUF file must read back with `gguf`.
+
+The converters are llama.cpp's `convert_hf_to_gguf.py` / `convert_lora_to_gguf.py` with the gguf-py that ships
+beside them (PyPI's `gguf` lacks what current converters need). tuneloop takes them from the llama-cpp-python sdist
+(fetched once with pip into ~/.cache/tuneloop), or from `$TUNELOOP_LLAMA_CPP` (a llama.cpp checkout).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from tuneloop.errors import TuneloopError
+from tuneloop.workspace import Workspace
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+CONVERTER_QUANTS = {"f16", "bf16", "f32", "q8_0"}  # what the converter writes itself; k-quants need llama-quantize
+
+
+def export_peft(adapter: Path, out: Path) -> dict[str, Any]:
+    shutil.copytree(adapter, out, dirs_exist_ok=True)
+    return {"format": "peft", "path": str(out)}
+
+
+def export_merged(base_folder: Path, adapter: Path, out: Path, tolerance: float = 1e-3) -> dict[str, Any]:
+    """Merge the adapter into the base weights (fp32), save safetensors + tokenizer, and check the logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32), str(adapter)
+    ).eval()
+    probe = tokenizer(["Hello, how are you?", "Extract the order: 3 lamps"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**probe).logits
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        actual = reloaded(**probe).logits
+    difference = float((expected - actual).abs().max())
+    if difference > tolerance:
+        raise TuneloopError(f"merged export differs from the adapter: max |logit difference| {difference:.2e}")
+    return {"format": "merged", "path": str(out), "parity_max_abs_diff": difference}
+
+
+def export_gguf(merged_folder: Path, out: Path, quant: str, workspace: Workspace) -> dict[str, Any]:
+    if quant not in CONVERTER_QUANTS:
+        raise TuneloopError(
+            f"--quant {quant} needs llama.cpp's llama-quantize binary after conversion",
+            hint=f"use one of {', '.join(sorted(CONVERTER_QUANTS))}, or quantize the f16 file with llama-quantize",
+        )
+    tools = converter_dir(workspace)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"model-{quant}.gguf"
+    _run_converter(tools, "convert_hf_to_gguf.py", [str(merged_folder), "--outfile", str(target), "--outtype", quant])
+    return {"format": "gguf", "path": str(target), **read_back(target)}
+
+
+def export_gguf_lora(base_folder: Path, adapter: Path, out: Path, workspace: Workspace) -> dict[str, Any]:
+    tools = converter_dir(workspace)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "adapter-f16.gguf"
+    _run_converter(
+        tools,
+        "convert_lora_to_gguf.py",
+        [str(adapter), "--base", str(base_folder), "--outfile", str(target), "--outtype", "f16"],
+    )
+    return {"format": "gguf-lora", "path": str(target), **read_back(target)}
+
+
+def read_back(path: Path) -> dict[str, Any]:
+    """Open a GGUF file with the `gguf` reader: it must parse and hold tensors."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    if not reader.tensors:
+        raise TuneloopError(f"{path} has no tensors: the conversion failed")
+    architecture = reader.fields.get("general.architecture")
+    name = bytes(architecture.parts[architecture.data[0]]).decode() if architecture else None
+    return {"tensors": len(reader.tensors), "architecture": name, "bytes": path.stat().st_size}
+
+
+def converter_dir(workspace: Workspace) -> Path:
+    """A folder with convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/ and gguf-py/."""
+    configured = os.environ.get("TUNELOOP_LLAMA_CPP")
+    if configured:
+        path = Path(configured)
+        if not (path / "convert_hf_to_gguf.py").exists():
+            raise TuneloopError(f"$TUNELOOP_LLAMA_CPP={configured} has no convert_hf_to_gguf.py")
+        return path
+    # Shared by every workspace of this user: the sdist is 76 MB.
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop"
+    target = cache_root / f"llama.cpp-converters-{LLAMA_CPP_PYTHON.split('==')[1]}"
+    if (target / "convert_hf_to_gguf.py").exists():
+        return target
+    download = cache_root / "sdist"
+    download.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(download),
+            LLAMA_CPP_PYTHON,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    archives = sorted(download.glob("llama_cpp_python-*.tar.gz"))
+    if not archives:
+        raise TuneloopError(
+            f"could not fetch llama.cpp's converters ({LLAMA_CPP_PYTHON} sdist): {result.stderr.strip()[-300:]}",
+            hint="set $TUNELOOP_LLAMA_CPP to a llama.cpp checkout",
+        )
+    staging = cache_root / f"llama.cpp-converters.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    with tarfile.open(archives[-1]) as archive:
+        members = [
+            m
+            for m in archive.getmembers()
+            if "/vendor/llama.cpp/" in m.name
+            and (
+                m.name.endswith(("/convert_hf_to_gguf.py", "/convert_lora_to_gguf.py"))
+                or "/vendor/llama.cpp/gguf-py/" in m.name
+                or "/vendor/llama.cpp/conversion/" in m.name
+            )
+        ]
+        archive.extractall(staging, members=members, filter="data")
+    root = next(staging.glob("*/vendor/llama.cpp"))
+    if not target.exists():
+        root.rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _run_converter(tools: Path, script: str, arguments: list[str]) -> None:
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(tools / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "NO_LOCAL_GGUF": "",
+    }
+    result = subprocess.run(
+        [sys.executable, str(tools / script), *arguments], capture_output=True, text=True, env=environment, check=False
+    )
+    if result.returncode != 0:
+        raise TuneloopError(f"{script} failed: {result.stderr.strip()[-800:]}")
