@@ -114,13 +114,13 @@ def test_eval_on_a_file_with_limit_and_pairwise_sheet(trained, tmp_path: Path) -
         "eval.metrics=[exact_match]",
     )
     assert code == 0, summary
-    assert summary["rows"] == 4 and summary["data"].endswith("/train")
+    assert summary["rows"] == 4 and summary["data"] == str(data)
     assert Path(summary["pairwise"]["sheet"]).exists() and Path(summary["pairwise"]["key"]).exists()
 
 
 def test_eval_of_an_unknown_model_is_a_clear_error(train_config) -> None:
     code, payload = run_eval(train_config(), "--model", "no-such-run")
-    assert code == 2 and "is not `base`, a run id" in payload["error"]
+    assert code == 2 and "is not `base`, a registry reference, a run id" in payload["error"]
 
 
 def test_lm_eval_harness_bridge_with_a_local_task(trained, tmp_path: Path) -> None:

@@ -144,16 +144,14 @@ def _eval_rows(
         eval_config = validate_config(raw, source=f"eval data {source['path']}")
         eval_config._config_dir = config._config_dir
         prepared = prepare_dataset(eval_config, workspace, console=console)
-        split = "train"
-    else:
-        prepared = prepare_dataset(config, workspace, console=console)
-        split = "val"
-        if prepared.manifest["counts"]["val_rows"] == 0:
-            raise TuneloopError("the prepared dataset has no validation split", hint="set data.val_fraction or --data")
-    return _load_rows(prepared, split, limit)
+        return _load_rows(prepared, "train", limit, label=source["path"])
+    prepared = prepare_dataset(config, workspace, console=console)
+    if prepared.manifest["counts"]["val_rows"] == 0:
+        raise TuneloopError("the prepared dataset has no validation split", hint="set data.val_fraction or --data")
+    return _load_rows(prepared, "val", limit)
 
 
-def _load_rows(prepared: PreparedDataset, split: str, limit: int | None) -> EvalRows:
+def _load_rows(prepared: PreparedDataset, split: str, limit: int | None, label: str | None = None) -> EvalRows:
     import pyarrow.parquet as pq
 
     conversations = [json.loads(line) for line in (prepared.path / f"{split}.jsonl").read_text().splitlines()]
@@ -170,7 +168,7 @@ def _load_rows(prepared: PreparedDataset, split: str, limit: int | None) -> Eval
             break
     if not prompts:
         raise TuneloopError(f"no chat rows with an assistant answer in {prepared.path / split}.jsonl")
-    return EvalRows(prompts, references, kept, f"{prepared.dataset_id}/{split}")
+    return EvalRows(prompts, references, kept, label or f"{prepared.dataset_id}/{split}")
 
 
 def _evaluate_one(
