@@ -350,6 +350,10 @@ class ServeConfig(_Section):
     )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
     max_tokens: int = Field(2048, ge=1, description="Largest `max_tokens` a request may ask for.")
+    max_batch_size: int = Field(8, ge=1, description="In-process engine: concurrent requests generated as one batch.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="In-process engine weights dtype (`fp32` for bit-exact parity checks)."
+    )
 
 
 class LoopConfig(_Section):

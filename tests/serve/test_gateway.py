@@ -41,19 +41,47 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         f"data: {{sources: [{{path: {rows}}}], max_seq_len: 128,"
         " filters: {near_duplicates: {enabled: false}, toxicity: {enabled: false}}}\n"
         "train: {max_steps: 4, batch_size: 2, eval_every: 2, save_every: 2, report_to: []}\n"
-        f"serve: {{api_keys: [{API_KEY}]}}\n"
+        f"serve: {{api_keys: [{API_KEY}], precision: fp32}}\n"
     )
     environment = {**os.environ, "TUNELOOP_HOME": str(workspace)}
     os.environ["TUNELOOP_HOME"] = str(workspace)
+    run_ids = []
     try:
-        result = CliRunner().invoke(app, ["train", "-c", str(config), "--json"])
+        for seed in (1, 2):  # two different adapters on the same base
+            result = CliRunner().invoke(
+                app,
+                [
+                    "train",
+                    "-c",
+                    str(config),
+                    "--json",
+                    "--set",
+                    f"train.seed={seed}",
+                    "--set",
+                    f"train.learning_rate={0.01 * seed}",
+                ],
+            )
+            assert result.exit_code == 0, result.output
+            run_ids.append(json.loads(result.stdout)["run_id"])
     finally:
         del os.environ["TUNELOOP_HOME"]
-    assert result.exit_code == 0, result.output
-    run_id = json.loads(result.stdout)["run_id"]
+    run_id, second = run_ids
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tuneloop.cli", "serve", "-c", str(config), "--model", run_id, "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "tuneloop.cli",
+            "serve",
+            "-c",
+            str(config),
+            "--model",
+            run_id,
+            "--model",
+            second,
+            "--port",
+            str(port),
+        ],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -73,7 +101,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     else:
         process.kill()
         pytest.fail("gateway not ready in 180 s")
-    yield {"url": url, "base": str(tiny_model_dir), "adapter": run_id, "process": process}
+    yield {"url": url, "base": str(tiny_model_dir), "adapter": run_id, "adapter2": second, "process": process}
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0  # drains and exits 0
 
@@ -87,7 +115,7 @@ def client(gateway: dict):
 
 def test_models_list_has_base_and_adapter_with_parent(client, gateway: dict) -> None:
     models = {model.id: model for model in client.models.list().data}
-    assert set(models) == {gateway["base"], gateway["adapter"]}
+    assert set(models) == {gateway["base"], gateway["adapter"], gateway["adapter2"]}
     assert models[gateway["adapter"]].model_extra["parent"] == gateway["base"]
 
 
@@ -176,3 +204,29 @@ def test_metrics_endpoint(client, gateway: dict) -> None:
         "tuneloop:num_requests_running",
     ):
         assert name in text, name
+
+
+def test_mixed_adapter_batch_equals_each_alone(client, gateway: dict) -> None:
+    """Concurrent requests for two adapters and the base share one batch; each answer equals its model run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [gateway["adapter"], gateway["adapter2"], gateway["base"]] * 2
+    prompts = [f"Repeat {i}" for i in range(len(names))]
+
+    def ask(pair: tuple[str, str]) -> str:
+        response = client.chat.completions.create(
+            model=pair[0], messages=[{"role": "user", "content": pair[1]}], max_tokens=8, temperature=0
+        )
+        return response.choices[0].message.content
+
+    alone = [ask(pair) for pair in zip(names, prompts, strict=True)]
+    with ThreadPoolExecutor(len(names)) as pool:
+        together = list(pool.map(ask, zip(names, prompts, strict=True)))
+    assert together == alone
+    assert httpx.get(f"{gateway['url']}/health", timeout=10).json()["largest_batch"] > 1  # they did share a batch
+    assert len({alone[0], alone[1], alone[2]}) > 1  # the adapters really differ
+    metrics = httpx.get(f"{gateway['url']}/metrics", timeout=10).text
+    assert (
+        f'tuneloop:requests_total{{model="{gateway["adapter2"]}",status="success",variant="{gateway["adapter2"]}"}}'
+        in metrics
+    )

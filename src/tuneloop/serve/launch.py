@@ -33,7 +33,13 @@ def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str]
     from tuneloop.serve.engines.transformers_engine import TransformersEngine
     from tuneloop.train.device import resolve_precision
 
-    return TransformersEngine(config.model.base, base_folder, adapters, resolve_precision("auto").torch_dtype)
+    return TransformersEngine(
+        config.model.base,
+        base_folder,
+        adapters,
+        resolve_precision(config.serve.precision).torch_dtype,
+        max_batch_size=config.serve.max_batch_size,
+    )
 
 
 def run_until_signalled(application: Any, host: str, port: int) -> None:

@@ -48,6 +48,10 @@ class Engine(ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the answer; the last chunk carries finish_reason and token counts."""
 
+    def stats(self) -> dict[str, float]:
+        """Engine counters shown on /health (e.g. batches run, largest batch)."""
+        return {}
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights or wait for a server; `/ready` answers 200 once this returns."""
 

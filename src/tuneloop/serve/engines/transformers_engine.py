@@ -1,44 +1,91 @@
-"""The in-process engine: Transformers (+ PEFT adapters on one base). Zero setup, and the reference for parity checks.
+"""The in-process engine: Transformers + PEFT adapters on one base. Zero setup, and the reference for parity checks.
 
-Generation runs in a worker thread; tokens stream back through Transformers' TextIteratorStreamer. Requests are
-served one at a time per engine (a lock around generate), with the adapter selected per request (`set_adapter`, or
-the base with adapters disabled). Batching concurrent requests is the job of the fast engines (vLLM, llama.cpp).
+Concurrent requests are batched dynamically: a worker thread takes whatever is waiting (up to `max_batch_size`,
+after a short gather window), runs one left-padded `generate` for the group, and streams each row's new text back to
+its request as tokens arrive. Rows may use different adapters in the same batch (PEFT's mixed-adapter batches,
+`adapter_names=[...]`, `__base__` for the base model). Requests are grouped by sampling settings; a request with a
+`seed` runs alone so its seed means what it says. This is simple dynamic batching, not a paged-attention scheduler:
+the fast path is vLLM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, ServedModel
 
+BASE_ADAPTER = "__base__"
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[GenerationChunk | BaseException]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+    stopped: bool = False
+
+    def emit(self, item: GenerationChunk | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
 
 class TransformersEngine(Engine):
     name = "transformers"
 
-    def __init__(self, base_name: str, base_folder: Path, adapters: dict[str, Path], dtype: Any = None) -> None:
+    def __init__(
+        self,
+        base_name: str,
+        base_folder: Path,
+        adapters: dict[str, Path],
+        dtype: Any = None,
+        max_batch_size: int = 8,
+        gather_ms: float = 5.0,
+    ) -> None:
         self.base_name = base_name
         self.base_folder = base_folder
         self.adapters = adapters
         self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.gather_seconds = gather_ms / 1000
         self.model: Any = None
         self.tokenizer: Any = None
-        self._lock = threading.Lock()
+        self._pending: queue.Queue[_Job | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._batches = 0
+        self._largest_batch = 0
+
+    def stats(self) -> dict[str, float]:
+        return {"batches": self._batches, "largest_batch": self._largest_batch}
 
     def models(self) -> list[ServedModel]:
         return [ServedModel(self.base_name, None)] + [ServedModel(name, self.base_name) for name in self.adapters]
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
+        self._worker = threading.Thread(target=self._serve_forever, name="tuneloop-engine", daemon=True)
+        self._worker.start()
+
+    async def stop(self) -> None:
+        self._pending.put(None)
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.join, 30)
 
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_folder))
+        self.tokenizer.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(str(self.base_folder), dtype=self.dtype)
         if self.adapters:
             from peft import PeftModel
@@ -55,82 +102,142 @@ class TransformersEngine(Engine):
         return self._stream(request)
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        from transformers import TextIteratorStreamer
-
         tokenizer = self.tokenizer
         if request.messages is not None:
             text = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            text = request.prompt or ""
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=request.messages is None)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        result: dict[str, Any] = {}
-        thread = threading.Thread(target=self._run, args=(request, inputs, streamer, result), daemon=True)
-        thread.start()
-        produced = ""
-        stopped = False
-        iterator = iter(streamer)
+            prompt_ids = tokenizer(request.prompt or "")["input_ids"]
+        job = _Job(request, list(prompt_ids), asyncio.get_running_loop(), asyncio.Queue())
+        self._pending.put(job)
         while True:
-            piece = await asyncio.to_thread(next, iterator, None)
-            if piece is None:
-                break
-            if stopped or not piece:
-                continue
-            candidate = produced + piece
-            cut = _first_stop(candidate, request.stop)
-            if cut is not None:
-                piece = candidate[len(produced) : max(cut, len(produced))]
-                produced = candidate[:cut]
-                stopped = True
-                if piece:
-                    yield GenerationChunk(piece)
-                continue
-            produced = candidate
-            yield GenerationChunk(piece)
-        await asyncio.to_thread(thread.join)
-        if "error" in result:
-            raise result["error"]
-        completion_tokens = result.get("new_tokens", 0)
-        finish = "stop" if stopped or completion_tokens < request.max_tokens else "length"
-        yield GenerationChunk(
-            "", finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
-        )
+            item = await job.out.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason:
+                return
 
-    def _run(self, request: GenerationRequest, inputs: Any, streamer: Any, result: dict[str, Any]) -> None:
-        import contextlib
+    # -- the worker thread ----------------------------------------------------------------------------------------
+    def _serve_forever(self) -> None:
+        while True:
+            first = self._pending.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.perf_counter() + self.gather_seconds
+            while len(batch) < self.max_batch_size and first.request.seed is None:
+                try:
+                    job = self._pending.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._pending.put(None)
+                    break
+                if job.request.seed is not None or _sampling(job.request) != _sampling(first.request):
+                    self._pending.put(job)  # runs in a later group
+                    break
+                batch.append(job)
+            try:
+                self._run_batch(batch)
+            except Exception as error:  # report to every request of the failed batch, keep serving
+                for job in batch:
+                    if not job.done:
+                        job.emit(error)
 
+    def _run_batch(self, batch: list[_Job]) -> None:
         import torch
 
-        try:
-            with self._lock:
-                adapter_context: Any = contextlib.nullcontext()
-                if self.adapters:
-                    if request.model == self.base_name:
-                        adapter_context = self.model.disable_adapter()
-                    else:
-                        self.model.set_adapter(request.model)
-                sampling = request.temperature > 0
-                if request.seed is not None:
-                    torch.manual_seed(request.seed)
-                kwargs: dict[str, Any] = {
-                    "max_new_tokens": request.max_tokens,
-                    "do_sample": sampling,
-                    "streamer": streamer,
-                    "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                }
-                if sampling:
-                    kwargs.update(temperature=request.temperature, top_p=request.top_p)
-                with adapter_context, torch.no_grad():
-                    output = self.model.generate(**inputs, **kwargs)
-                new = output[0, inputs["input_ids"].shape[1] :].tolist()
-                eos = self.tokenizer.eos_token_id
-                result["new_tokens"] = new.index(eos) if eos in new else len(new)
-        except Exception as error:  # surfaced to the request that caused it
-            result["error"] = error
-            streamer.end()
+        self._batches += 1
+        self._largest_batch = max(self._largest_batch, len(batch))
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        longest = max(len(job.prompt_ids) for job in batch)
+        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, job in enumerate(batch):
+            input_ids[row, longest - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            attention[row, longest - len(job.prompt_ids) :] = 1
+        request = batch[0].request
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(job.request.max_tokens for job in batch),
+            "do_sample": request.temperature > 0,
+            "pad_token_id": pad_id,
+            "streamer": _BatchStreamer(self, batch),
+        }
+        if request.temperature > 0:
+            kwargs.update(temperature=request.temperature, top_p=request.top_p)
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+        if self.adapters:
+            kwargs["adapter_names"] = [
+                BASE_ADAPTER if job.request.model == self.base_name else job.request.model for job in batch
+            ]
+        with torch.no_grad():
+            self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        for job in batch:
+            self._finish(job)
+
+    def _advance(self, job: _Job, token: int) -> None:
+        """One new token for one request: decode, check stop sequences and budget, stream the new text."""
+        if job.done:
+            return
+        eos = self.tokenizer.eos_token_id
+        if token == eos:
+            job.stopped = True
+            self._finish(job)
+            return
+        job.tokens.append(token)
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            if len(job.tokens) >= job.request.max_tokens:
+                self._finish(job)
+            return
+        stops = [text.find(stop) for stop in job.request.stop if stop and stop in text]
+        if stops:
+            text = text[: min(stops)]
+            job.stopped = True
+        new = text[len(job.text) :]
+        job.text = text
+        if new:
+            job.emit(GenerationChunk(new))
+        if job.stopped or len(job.tokens) >= job.request.max_tokens:
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        if job.done:
+            return
+        job.done = True
+        job.emit(
+            GenerationChunk(
+                "",
+                finish_reason="stop" if job.stopped else "length",
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(job.tokens),
+            )
+        )
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    positions = [text.find(stop) for stop in stops if stop and stop in text]
-    return min(positions) if positions else None
+class _BatchStreamer:
+    """Transformers streamer protocol (`put`/`end`) that routes each row's new token to its request."""
+
+    def __init__(self, engine: TransformersEngine, batch: list[_Job]) -> None:
+        self.engine = engine
+        self.batch = batch
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        for job, token in zip(self.batch, tokens, strict=True):
+            self.engine._advance(job, int(token))
+
+    def end(self) -> None:
+        for job in self.batch:
+            self.engine._finish(job)
+
+
+def _sampling(request: GenerationRequest) -> tuple[bool, float, float]:
+    return (request.temperature > 0, request.temperature, request.top_p)

@@ -97,8 +97,8 @@ def create_app(
         return JSONResponse(error_body(str(error.detail), "invalid_request_error"), status_code=error.status_code)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "engine": engine.name, **engine.stats()}
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
