@@ -643,15 +643,21 @@ def serve(
 
     config = load_config(config_file, overrides)
     settings = config.serve
-    engine_instance = build_engine(
-        config, Workspace.from_env(workspace), models or settings.models, engine or settings.engine
-    )
+    variants = [variant for route in settings.routes.values() for variant in route.variants]
+    wanted = [ref for ref in dict.fromkeys([*(models or settings.models), *variants]) if ref != config.model.base]
+    space = Workspace.from_env(workspace)
+    engine_instance = build_engine(config, space, wanted, engine or settings.engine)
     keys = settings.api_keys + [key for key in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if key]
+    from tuneloop.serve.gateway.feedback import FeedbackStore
+    from tuneloop.serve.gateway.routing import Router
+
     application = create_app(
         engine_instance,
         api_keys=keys,
         max_request_bytes=settings.max_request_bytes,
         max_tokens_limit=settings.max_tokens,
+        router=Router(settings.routes, seed=config.project.seed),
+        feedback=FeedbackStore(space.root / "serve" / "feedback.jsonl"),
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [model.name for model in engine_instance.models()]

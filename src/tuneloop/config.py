@@ -331,6 +331,22 @@ class RegistryConfig(_Section):
     license: str | None = Field(None, description="License written into model cards (e.g. apache-2.0).")
 
 
+class RouteConfig(_Section):
+    """An A/B split: clients ask for the route's name; each request goes to one variant."""
+
+    variants: dict[str, float] = Field(
+        description="Served model -> weight, e.g. `{extractor@champion: 90, extractor@challenger: 10}`."
+    )
+    sticky: bool = Field(True, description="The same `user` always gets the same variant.")
+
+    @field_validator("variants")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value or any(weight < 0 for weight in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("give at least one variant with a positive weight")
+        return value
+
+
 class ServeConfig(_Section):
     """Read by `tuneloop serve`: engine and address of the gateway."""
 
@@ -351,6 +367,9 @@ class ServeConfig(_Section):
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
     max_tokens: int = Field(2048, ge=1, description="Largest `max_tokens` a request may ask for.")
     max_batch_size: int = Field(8, ge=1, description="In-process engine: concurrent requests generated as one batch.")
+    routes: dict[str, RouteConfig] = Field(
+        default_factory=dict, description="A/B splits by the model name clients use (see RouteConfig)."
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="In-process engine weights dtype (`fp32` for bit-exact parity checks)."
     )

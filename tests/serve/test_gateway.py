@@ -43,6 +43,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         "train: {max_steps: 4, batch_size: 2, eval_every: 2, save_every: 2, report_to: []}\n"
         f"serve: {{api_keys: [{API_KEY}], precision: fp32}}\n"
     )
+    routes = root / "routes.yaml"  # written once the adapters exist: an A/B split between them
     environment = {**os.environ, "TUNELOOP_HOME": str(workspace)}
     os.environ["TUNELOOP_HOME"] = str(workspace)
     run_ids = []
@@ -66,22 +67,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     finally:
         del os.environ["TUNELOOP_HOME"]
     run_id, second = run_ids
+    routes.write_text(
+        config.read_text().replace(
+            "precision: fp32}",
+            f"precision: fp32, routes: {{extractor: {{variants: {{{run_id}: 90, {second}: 10}}}}}}}}",
+        )
+    )
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tuneloop.cli",
-            "serve",
-            "-c",
-            str(config),
-            "--model",
-            run_id,
-            "--model",
-            second,
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "tuneloop.cli", "serve", "-c", str(routes), "--port", str(port)],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -115,7 +109,7 @@ def client(gateway: dict):
 
 def test_models_list_has_base_and_adapter_with_parent(client, gateway: dict) -> None:
     models = {model.id: model for model in client.models.list().data}
-    assert set(models) == {gateway["base"], gateway["adapter"], gateway["adapter2"]}
+    assert set(models) == {gateway["base"], gateway["adapter"], gateway["adapter2"], "extractor"}
     assert models[gateway["adapter"]].model_extra["parent"] == gateway["base"]
 
 
@@ -230,3 +224,33 @@ def test_mixed_adapter_batch_equals_each_alone(client, gateway: dict) -> None:
         f'tuneloop:requests_total{{model="{gateway["adapter2"]}",status="success",variant="{gateway["adapter2"]}"}}'
         in metrics
     )
+
+
+def test_ab_split_proportions_stickiness_and_feedback(gateway: dict) -> None:
+    url = f"{gateway['url']}/v1"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "extractor", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    chosen: dict[str, str] = {}
+    ids: dict[str, list[str]] = {gateway["adapter"]: [], gateway["adapter2"]: []}
+    with httpx.Client(timeout=30, headers=headers) as http:
+        for index in range(200):
+            response = http.post(f"{url}/chat/completions", json={**body, "user": f"user-{index}"})
+            assert response.status_code == 200
+            variant = response.headers["x-tuneloop-variant"]
+            chosen[f"user-{index}"] = variant
+            ids[variant].append(response.json()["id"])
+        share = len(ids[gateway["adapter2"]]) / 200
+        assert 0.04 <= share <= 0.18  # 10% challenger, binomial spread at n=200
+        for user in ("user-3", "user-77"):  # sticky per user
+            again = http.post(f"{url}/chat/completions", json={**body, "user": user})
+            assert again.headers["x-tuneloop-variant"] == chosen[user]
+        for response_id in ids[gateway["adapter"]][:4]:
+            assert http.post(f"{url}/feedback", json={"response_id": response_id, "rating": "up"}).status_code == 200
+        for response_id in ids[gateway["adapter2"]][:2]:
+            assert http.post(f"{url}/feedback", json={"response_id": response_id, "rating": 2}).status_code == 200
+        missing = http.post(f"{url}/feedback", json={"response_id": "nope", "rating": "up"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "response_not_found"
+        summary = {row["variant"]: row for row in http.get(f"{url}/feedback/summary").json()["data"]}
+    assert summary[gateway["adapter"]]["preference_rate"] == 1.0 and summary[gateway["adapter"]]["ratings"] == 4
+    assert summary[gateway["adapter2"]]["preference_rate"] == 0.0
+    assert summary[gateway["adapter"]]["responses"] >= 160

@@ -17,8 +17,12 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException
 
 from tuneloop.serve.engines.base import Engine, GenerationRequest
+from tuneloop.serve.gateway.feedback import FeedbackRequest, FeedbackStore
 from tuneloop.serve.gateway.metrics import GatewayMetrics
 from tuneloop.serve.gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from tuneloop.serve.gateway.routing import Router
+
+VARIANT_HEADER = "x-tuneloop-variant"
 
 log = logging.getLogger("tuneloop.gateway")
 
@@ -42,8 +46,12 @@ def create_app(
     max_request_bytes: int = 1_000_000,
     max_tokens_limit: int = 2048,
     context_limit: int = 8192,
+    router: Router | None = None,
+    feedback: FeedbackStore | None = None,
 ) -> FastAPI:
     metrics = GatewayMetrics()
+    router = router or Router({})
+    feedback = feedback or FeedbackStore(None)
     state: dict[str, Any] = {"ready": False}
 
     @asynccontextmanager
@@ -110,21 +118,41 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {"id": model.name, "object": "model", "created": 0, "owned_by": model.owned_by, "parent": model.parent}
-                for model in engine.models()
-            ],
-        }
+        served = [
+            {"id": model.name, "object": "model", "created": 0, "owned_by": model.owned_by, "parent": model.parent}
+            for model in engine.models()
+        ]
+        routes = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "tuneloop-route", "parent": None}
+            for name in router.names()
+        ]
+        return {"object": "list", "data": served + routes}
 
-    def check_model(name: str) -> None:
-        if name not in {model.name for model in engine.models()}:
+    @app.post("/v1/feedback")
+    async def post_feedback(body: FeedbackRequest) -> dict[str, Any]:
+        entry = feedback.record(body)
+        if entry is None:
             raise GatewayError(
-                404, f"The model `{name}` does not exist.", "invalid_request_error", "model_not_found", "model"
+                404, f"no response with id {body.response_id!r}", code="response_not_found", param="response_id"
             )
+        return {"object": "feedback", **entry}
 
-    def to_generation(body: ChatCompletionRequest | CompletionRequest, prompt: str | None) -> GenerationRequest:
+    @app.get("/v1/feedback/summary")
+    async def feedback_summary() -> dict[str, Any]:
+        return {"object": "list", "data": feedback.summary()}
+
+    def pick(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, str | None]:
+        """The served model for the request (an A/B route picks a variant), or a 404."""
+        served, variant = router.choose(body.model, body.user)
+        if served not in {model.name for model in engine.models()}:
+            raise GatewayError(
+                404, f"The model `{body.model}` does not exist.", "invalid_request_error", "model_not_found", "model"
+            )
+        return served, variant
+
+    def to_generation(
+        body: ChatCompletionRequest | CompletionRequest, prompt: str | None, served: str
+    ) -> GenerationRequest:
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
         if max_tokens > max_tokens_limit:
             raise GatewayError(400, f"max_tokens must be <= {max_tokens_limit}", param="max_tokens")
@@ -142,7 +170,7 @@ def create_app(
                 param="messages" if messages else "prompt",
             )
         return GenerationRequest(
-            model=body.model,
+            model=served,
             prompt=prompt,
             messages=messages,
             max_tokens=max_tokens,
@@ -152,19 +180,29 @@ def create_app(
             stop=body.stop_list(),
         )
 
+    def respond(
+        generation: GenerationRequest, body: Any, chat: bool, variant: str | None, result: dict[str, Any] | None = None
+    ) -> Any:
+        headers = {VARIANT_HEADER: variant} if variant else {}
+        if result is None:
+            return StreamingResponse(
+                stream(generation, body, chat, variant), media_type="text/event-stream", headers=headers
+            )
+        return JSONResponse(result, headers=headers)
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest) -> Any:
-        check_model(body.model)
+        served, variant = pick(body)
         if body.n != 1:
             raise GatewayError(400, "n > 1 is not supported by this engine yet", param="n")
-        generation = to_generation(body, None)
+        generation = to_generation(body, None, served)
         if body.stream:
-            return StreamingResponse(stream(generation, body, chat=True), media_type="text/event-stream")
-        return await complete(generation, chat=True)
+            return respond(generation, body, True, variant)
+        return respond(generation, body, True, variant, await complete(generation, body, True, variant))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
-        check_model(body.model)
+        served, variant = pick(body)
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 raise GatewayError(400, "send one prompt per request", param="prompt")
@@ -173,16 +211,16 @@ def create_app(
             prompt = body.prompt
         if body.logprobs is not None:
             raise GatewayError(400, "logprobs are not supported by this engine yet", param="logprobs")
-        generation = to_generation(body, prompt)
+        generation = to_generation(body, prompt, served)
         if body.stream:
-            return StreamingResponse(stream(generation, body, chat=False), media_type="text/event-stream")
-        result = await complete(generation, chat=False)
+            return respond(generation, body, False, variant)
+        result = await complete(generation, body, False, variant)
         if body.echo:
             result["choices"][0]["text"] = prompt + result["choices"][0]["text"]
-        return result
+        return respond(generation, body, False, variant, result)
 
-    async def run(generation: GenerationRequest) -> AsyncIterator[Any]:
-        labels = {"model": generation.model, "variant": generation.model}
+    async def run(generation: GenerationRequest, asked: str) -> AsyncIterator[Any]:
+        labels = {"model": asked, "variant": generation.model}
         started = time.perf_counter()
         first = last = None
         metrics.running.inc()
@@ -210,16 +248,19 @@ def create_app(
                 json.dumps(
                     {
                         "event": "request",
-                        "model": generation.model,
+                        "model": asked,
+                        "variant": generation.model,
                         "status": status,
                         "seconds": round(time.perf_counter() - started, 4),
                     }
                 )
             )
 
-    async def complete(generation: GenerationRequest, chat: bool) -> dict[str, Any]:
+    async def complete(generation: GenerationRequest, body: Any, chat: bool, variant: str | None) -> dict[str, Any]:
         text, final = "", None
-        async for chunk in run(generation):
+        identifier = new_id("chatcmpl" if chat else "cmpl")
+        feedback.served_response(identifier, body.model, variant)
+        async for chunk in run(generation, body.model):
             text += chunk.text
             if chunk.finish_reason:
                 final = chunk
@@ -231,7 +272,7 @@ def create_app(
         }
         if chat:
             return {
-                "id": new_id("chatcmpl"),
+                "id": identifier,
                 "object": "chat.completion",
                 "created": now(),
                 "model": generation.model,
@@ -245,7 +286,7 @@ def create_app(
                 "usage": usage,
             }
         return {
-            "id": new_id("cmpl"),
+            "id": identifier,
             "object": "text_completion",
             "created": now(),
             "model": generation.model,
@@ -253,9 +294,10 @@ def create_app(
             "usage": usage,
         }
 
-    async def stream(generation: GenerationRequest, body: Any, chat: bool) -> AsyncIterator[str]:
+    async def stream(generation: GenerationRequest, body: Any, chat: bool, variant: str | None) -> AsyncIterator[str]:
         """Server-sent events exactly as OpenAI sends them: role first, finish_reason last, optional usage, [DONE]."""
         identifier, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        feedback.served_response(identifier, body.model, variant)
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
@@ -272,7 +314,7 @@ def create_app(
 
         if chat:
             yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        async for chunk in run(generation):
+        async for chunk in run(generation, body.model):
             if chunk.text:
                 delta = {"delta": {"content": chunk.text}} if chat else {"text": chunk.text}
                 yield event({"index": 0, **delta, "finish_reason": None})
