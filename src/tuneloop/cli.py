@@ -23,6 +23,8 @@ config_app = typer.Typer(help="Validate and document the config file.", no_args_
 data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(help="Load tests and benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 registry_app = typer.Typer(help="Model registry: versions, aliases, lineage, model cards.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 ConfigOptionalOption = Annotated[
@@ -669,6 +671,45 @@ def serve(
     from tuneloop.serve.launch import run_until_signalled
 
     run_until_signalled(application, host or settings.host, port or settings.port)
+
+
+@bench_app.command("serve")
+@handles_errors
+def bench_serve_command(
+    url: Annotated[str, typer.Option("--url", help="Base URL of an OpenAI-compatible server.")],
+    model: Annotated[str, typer.Option("--model", help="The model name to request.")],
+    users: Annotated[int, typer.Option("--users", help="Concurrent simulated users (at most 100).")] = 8,
+    requests: Annotated[int, typer.Option("--requests", help="Total requests to send.")] = 64,
+    duration: Annotated[float | None, typer.Option("--duration", help="Stop after this many seconds.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens per request.")] = 64,
+    data: Annotated[Path | None, typer.Option("--data", help="JSONL with a `prompt` or `instruction` field.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TUNELOOP_API_KEY")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Load-test an endpoint: TTFT / inter-token / end-to-end latency percentiles, tokens/s, requests/s, errors."""
+    from tuneloop.serve.bench import bench_serve, default_prompts
+
+    if not 1 <= users <= 100:
+        raise TuneloopError("--users must be between 1 and 100")
+    prompts = default_prompts()
+    if data is not None:
+        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [str(row.get("prompt") or row.get("instruction") or "") for row in rows if isinstance(row, dict)]
+        prompts = [prompt for prompt in prompts if prompt] or default_prompts()
+    result = bench_serve(url, model, prompts, users, requests, duration, max_tokens, api_key)
+    if as_json:
+        _emit_json(result)
+        return
+    table = Table(title=f"{result['requests']} requests, {users} users, {model}")
+    table.add_column("metric")
+    for column in ("p50", "p95", "p99"):
+        table.add_column(column, justify="right")
+    for name, label in (("ttft", "time to first token (s)"), ("itl", "inter-token latency (s)"),
+                        ("e2e", "end-to-end latency (s)")):
+        table.add_row(label, *[_fmt(result[f"{name}_p{p}_s"]) for p in (50, 95, 99)])
+    stdout.print(table)
+    stdout.print(f"output tokens/s {result['output_tokens_per_second']:.1f}, requests/s "
+                 f"{result['requests_per_second']:.2f}, errors {result['errors']}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias
