@@ -648,7 +648,8 @@ def serve(
     variants = [variant for route in settings.routes.values() for variant in route.variants]
     wanted = [ref for ref in dict.fromkeys([*(models or settings.models), *variants]) if ref != config.model.base]
     space = Workspace.from_env(workspace)
-    engine_instance = build_engine(config, space, wanted, engine or settings.engine)
+    chosen = engine or settings.engine
+    engine_instance = build_engine(config, space, [] if chosen == "remote" else wanted, chosen)
     keys = settings.api_keys + [key for key in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if key]
     from tuneloop.serve.gateway.feedback import FeedbackStore
     from tuneloop.serve.gateway.routing import Router
@@ -704,12 +705,17 @@ def bench_serve_command(
     table.add_column("metric")
     for column in ("p50", "p95", "p99"):
         table.add_column(column, justify="right")
-    for name, label in (("ttft", "time to first token (s)"), ("itl", "inter-token latency (s)"),
-                        ("e2e", "end-to-end latency (s)")):
+    for name, label in (
+        ("ttft", "time to first token (s)"),
+        ("itl", "inter-token latency (s)"),
+        ("e2e", "end-to-end latency (s)"),
+    ):
         table.add_row(label, *[_fmt(result[f"{name}_p{p}_s"]) for p in (50, 95, 99)])
     stdout.print(table)
-    stdout.print(f"output tokens/s {result['output_tokens_per_second']:.1f}, requests/s "
-                 f"{result['requests_per_second']:.2f}, errors {result['errors']}")
+    stdout.print(
+        f"output tokens/s {result['output_tokens_per_second']:.1f}, requests/s "
+        f"{result['requests_per_second']:.2f}, errors {result['errors']}"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -367,6 +367,11 @@ class ServeConfig(_Section):
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
     max_tokens: int = Field(2048, ge=1, description="Largest `max_tokens` a request may ask for.")
     max_batch_size: int = Field(8, ge=1, description="In-process engine: concurrent requests generated as one batch.")
+    remote_urls: list[str] = Field(
+        default_factory=list,
+        description="`engine: remote`: OpenAI-compatible base URLs of the replicas (vLLM, llama-server, another tuneloop).",
+    )
+    remote_api_key: str | None = Field(None, description="`engine: remote`: Bearer key sent to the replicas.")
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict, description="A/B splits by the model name clients use (see RouteConfig)."
     )

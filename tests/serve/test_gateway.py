@@ -257,16 +257,54 @@ def test_ab_split_proportions_stickiness_and_feedback(gateway: dict) -> None:
 
 
 def test_bench_serve_reports_latency_percentiles(gateway: dict) -> None:
-    result = CliRunner().invoke(app, ["bench", "serve", "--url", gateway["url"], "--model", gateway["adapter"],
-                                      "--users", "4", "--requests", "12", "--max-tokens", "6", "--api-key", API_KEY,
-                                      "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "serve",
+            "--url",
+            gateway["url"],
+            "--model",
+            gateway["adapter"],
+            "--users",
+            "4",
+            "--requests",
+            "12",
+            "--max-tokens",
+            "6",
+            "--api-key",
+            API_KEY,
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    for key in ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "output_tokens_per_second",
-                "requests_per_second", "errors"):
+    for key in (
+        "ttft_p50_s",
+        "ttft_p95_s",
+        "ttft_p99_s",
+        "e2e_p50_s",
+        "output_tokens_per_second",
+        "requests_per_second",
+        "errors",
+    ):
         assert key in report, key
     assert report["errors"] == 0 and report["requests"] == 12
     assert 0 < report["ttft_p50_s"] <= report["ttft_p99_s"] and report["output_tokens_per_second"] > 0
-    unauthorised = CliRunner().invoke(app, ["bench", "serve", "--url", gateway["url"], "--model", gateway["adapter"],
-                                            "--users", "2", "--requests", "2", "--json"])
+    unauthorised = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "serve",
+            "--url",
+            gateway["url"],
+            "--model",
+            gateway["adapter"],
+            "--users",
+            "2",
+            "--requests",
+            "2",
+            "--json",
+        ],
+    )
     assert json.loads(unauthorised.stdout)["errors"] == 2

@@ -36,8 +36,14 @@ def percentile(values: list[float], percent: float) -> float | None:
 
 async def _one(client: Any, url: str, model: str, prompt: str, max_tokens: int, headers: dict[str, str]) -> Sample:
     sample = Sample()
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = last = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/chat/completions", json=body, headers=headers) as response:
@@ -63,8 +69,17 @@ async def _one(client: Any, url: str, model: str, prompt: str, max_tokens: int, 
     return sample
 
 
-async def _run(url: str, model: str, prompts: list[str], users: int, requests: int, duration: float | None,
-               max_tokens: int, api_key: str | None, timeout: float) -> tuple[list[Sample], float]:
+async def _run(
+    url: str,
+    model: str,
+    prompts: list[str],
+    users: int,
+    requests: int,
+    duration: float | None,
+    max_tokens: int,
+    api_key: str | None,
+    timeout: float,
+) -> tuple[list[Sample], float]:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -85,9 +100,17 @@ async def _run(url: str, model: str, prompts: list[str], users: int, requests: i
     return samples, time.perf_counter() - started
 
 
-def bench_serve(url: str, model: str, prompts: list[str], users: int = 8, requests: int = 64,
-                duration: float | None = None, max_tokens: int = 64, api_key: str | None = None,
-                timeout: float = 300) -> dict[str, Any]:
+def bench_serve(
+    url: str,
+    model: str,
+    prompts: list[str],
+    users: int = 8,
+    requests: int = 64,
+    duration: float | None = None,
+    max_tokens: int = 64,
+    api_key: str | None = None,
+    timeout: float = 300,
+) -> dict[str, Any]:
     url = url.rstrip("/")
     if not url.endswith("/v1"):
         url += "/v1"
@@ -97,8 +120,14 @@ def bench_serve(url: str, model: str, prompts: list[str], users: int = 8, reques
     e2e = [sample.e2e for sample in good]
     gaps = [gap for sample in good for gap in sample.gaps]
     tokens = sum(sample.output_tokens for sample in good)
-    result: dict[str, Any] = {"url": url, "model": model, "users": users, "requests": len(samples),
-                              "errors": len(samples) - len(good), "wall_seconds": wall}
+    result: dict[str, Any] = {
+        "url": url,
+        "model": model,
+        "users": users,
+        "requests": len(samples),
+        "errors": len(samples) - len(good),
+        "wall_seconds": wall,
+    }
     for name, values in (("ttft", ttft), ("e2e", e2e), ("itl", gaps)):
         for percent in (50, 95, 99):
             result[f"{name}_p{percent}_s"] = percentile(values, percent)

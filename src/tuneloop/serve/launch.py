@@ -16,10 +16,14 @@ from tuneloop.workspace import Workspace
 
 
 def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str], engine: str) -> Engine:
+    if engine == "remote":
+        from tuneloop.serve.engines.remote import RemoteEngine
+
+        return RemoteEngine(config.serve.remote_urls, config.serve.remote_api_key)
     if engine not in ("auto", "transformers"):
         raise TuneloopError(
             f"serve.engine={engine!r} is not available in this version",
-            hint="use `transformers` (in-process); the vLLM, llama.cpp and remote engines are being added",
+            hint="use `transformers` (in-process) or `remote`; the vLLM and llama.cpp engines are being added",
         )
     base_folder = materialize(resolve_base(config.base_model_spec(), workspace))
     adapters = {}

@@ -21,6 +21,9 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Nothing reaches the client before the answer is complete (a non-streamed request): engines may then retry a
+    # failed attempt from scratch, even after it had produced tokens.
+    buffered: bool = False
 
 
 @dataclass

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException
 
+from tuneloop.errors import TuneloopError
 from tuneloop.serve.engines.base import Engine, GenerationRequest
 from tuneloop.serve.gateway.feedback import FeedbackRequest, FeedbackStore
 from tuneloop.serve.gateway.metrics import GatewayMetrics
@@ -90,6 +91,10 @@ def create_app(
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, error: GatewayError) -> JSONResponse:
         return JSONResponse(error_body(error.message, error.kind, error.code, error.param), status_code=error.status)
+
+    @app.exception_handler(TuneloopError)
+    async def engine_error(_: Request, error: TuneloopError) -> JSONResponse:
+        return JSONResponse(error_body(error.message, "server_error", "engine_unavailable"), status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -196,6 +201,7 @@ def create_app(
         if body.n != 1:
             raise GatewayError(400, "n > 1 is not supported by this engine yet", param="n")
         generation = to_generation(body, None, served)
+        generation.buffered = not body.stream
         if body.stream:
             return respond(generation, body, True, variant)
         return respond(generation, body, True, variant, await complete(generation, body, True, variant))
@@ -212,6 +218,7 @@ def create_app(
         if body.logprobs is not None:
             raise GatewayError(400, "logprobs are not supported by this engine yet", param="logprobs")
         generation = to_generation(body, prompt, served)
+        generation.buffered = not body.stream
         if body.stream:
             return respond(generation, body, False, variant)
         result = await complete(generation, body, False, variant)

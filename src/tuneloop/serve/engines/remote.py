@@ -1,0 +1,194 @@
+"""The remote engine: one or more OpenAI-compatible servers (vLLM, llama.cpp's llama-server, SGLang, TGI's OpenAI
+front end, another tuneloop) behind the gateway, as replicas of the same models.
+
+Load balancing: least outstanding requests among replicas whose circuit is closed. A replica that fails before the
+first byte (connection refused or reset, 5xx) is retried on another replica, so the client sees no error; after the
+first byte a failure ends that request. Three consecutive failures open a replica's circuit for `cooldown` seconds;
+then one probe request is let through (half-open) and success closes it again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from tuneloop.errors import TuneloopError
+from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, ServedModel
+
+
+@dataclass
+class Replica:
+    url: str
+    in_flight: int = 0
+    failures: int = 0
+    open_until: float = 0.0
+    served: int = 0
+
+    def available(self, now: float) -> bool:
+        return self.open_until <= now
+
+
+class ReplicaFailed(Exception):
+    """A replica failed before sending anything: safe to retry elsewhere."""
+
+
+class RemoteEngine(Engine):
+    name = "remote"
+
+    def __init__(
+        self,
+        urls: list[str],
+        api_key: str | None = None,
+        failure_threshold: int = 3,
+        cooldown: float = 10.0,
+        timeout: float = 600.0,
+    ) -> None:
+        if not urls:
+            raise TuneloopError("serve.engine=remote needs serve.remote_urls", hint="e.g. [http://127.0.0.1:8001/v1]")
+        self.replicas = [
+            Replica(url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1") for url in urls
+        ]
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.failure_threshold = failure_threshold
+        self.cooldown = cooldown
+        self.timeout = timeout
+        self._models: list[ServedModel] = []
+        self._client: Any = None
+
+    def models(self) -> list[ServedModel]:
+        return self._models
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "replicas": [
+                {
+                    "url": r.url,
+                    "in_flight": r.in_flight,
+                    "served": r.served,
+                    "failures": r.failures,
+                    "open": r.open_until > time.monotonic(),
+                }
+                for r in self.replicas
+            ]
+        }
+
+    async def start(self) -> None:
+        import httpx
+
+        self._client = httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
+        errors = []
+        for replica in self.replicas:
+            try:
+                response = await self._client.get(f"{replica.url}/models", timeout=10)
+                response.raise_for_status()
+                self._models = [
+                    ServedModel(item["id"], item.get("parent"), item.get("owned_by", "remote"))
+                    for item in response.json()["data"]
+                ]
+                return
+            except Exception as error:  # try the next replica
+                errors.append(f"{replica.url}: {error}")
+        raise TuneloopError("no remote replica answered /v1/models: " + "; ".join(errors))
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    def _choose(self, tried: set[int]) -> int | None:
+        now = time.monotonic()
+        candidates = [i for i, r in enumerate(self.replicas) if i not in tried and r.available(now)]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda i: self.replicas[i].in_flight)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        tried: set[int] = set()
+        while True:
+            index = self._choose(tried)
+            if index is None:
+                raise TuneloopError("every replica failed or is cooling down")
+            tried.add(index)
+            replica = self.replicas[index]
+            replica.in_flight += 1
+            delivered = False
+            held: list[GenerationChunk] = []
+            try:
+                async for chunk in self._stream(replica, request):
+                    if request.buffered:
+                        held.append(chunk)  # the client gets nothing until the attempt completed
+                    else:
+                        delivered = True
+                        yield chunk
+                replica.failures = 0
+                replica.served += 1
+            except ReplicaFailed:
+                self._failed(replica)
+                if delivered:
+                    raise TuneloopError(f"replica {replica.url} failed mid-stream") from None
+                continue  # nothing reached the client: retry on another replica
+            finally:
+                replica.in_flight -= 1
+            for chunk in held:
+                yield chunk
+            return
+
+    def _failed(self, replica: Replica) -> None:
+        replica.failures += 1
+        if replica.failures >= self.failure_threshold or replica.open_until > 0:
+            replica.open_until = time.monotonic() + self.cooldown
+
+    async def _stream(self, replica: Replica, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        import httpx
+
+        chat = request.messages is not None
+        body: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = request.stop
+        body["messages" if chat else "prompt"] = request.messages if chat else request.prompt
+        path = "chat/completions" if chat else "completions"
+        finish, usage = None, {"prompt_tokens": 0, "completion_tokens": 0}
+        try:
+            async with self._client.stream("POST", f"{replica.url}/{path}", json=body) as response:
+                if response.status_code >= 500:
+                    raise ReplicaFailed(f"{replica.url} answered {response.status_code}")
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode(errors="replace")[:300]
+                    raise TuneloopError(f"replica {replica.url} refused the request ({response.status_code}): {detail}")
+                replica.open_until = 0.0
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        if text:
+                            yield GenerationChunk(text)
+                        finish = choice.get("finish_reason") or finish
+        except (
+            httpx.ConnectError,
+            httpx.RemoteProtocolError,
+            httpx.ReadError,
+            httpx.ConnectTimeout,
+            httpx.WriteError,
+        ) as error:
+            raise ReplicaFailed(f"{replica.url}: {type(error).__name__}") from error
+        yield GenerationChunk(
+            "",
+            finish_reason=finish or "stop",
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+        )
