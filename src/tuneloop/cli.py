@@ -661,6 +661,7 @@ def serve(
         max_tokens_limit=settings.max_tokens,
         router=Router(settings.routes, seed=config.project.seed),
         feedback=FeedbackStore(space.root / "serve" / "feedback.jsonl"),
+        rate_limit_per_minute=settings.rate_limit_per_minute,
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [model.name for model in engine_instance.models()]

@@ -365,6 +365,9 @@ class ServeConfig(_Section):
         description="Accepted `Authorization: Bearer` keys (also $TUNELOOP_API_KEYS, comma-separated); empty: no auth.",
     )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
+    rate_limit_per_minute: int | None = Field(
+        None, ge=1, description="Requests per minute allowed per API key (token bucket; 429 beyond it). None: no limit."
+    )
     max_tokens: int = Field(2048, ge=1, description="Largest `max_tokens` a request may ask for.")
     max_batch_size: int = Field(8, ge=1, description="In-process engine: concurrent requests generated as one batch.")
     remote_urls: list[str] = Field(

@@ -19,8 +19,16 @@ from starlette.exceptions import HTTPException
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.engines.base import Engine, GenerationRequest
 from tuneloop.serve.gateway.feedback import FeedbackRequest, FeedbackStore
+from tuneloop.serve.gateway.limits import RateLimiter
 from tuneloop.serve.gateway.metrics import GatewayMetrics
-from tuneloop.serve.gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from tuneloop.serve.gateway.protocol import (
+    BatchRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    new_id,
+    now,
+)
 from tuneloop.serve.gateway.routing import Router
 
 VARIANT_HEADER = "x-tuneloop-variant"
@@ -49,7 +57,9 @@ def create_app(
     context_limit: int = 8192,
     router: Router | None = None,
     feedback: FeedbackStore | None = None,
+    rate_limit_per_minute: int | None = None,
 ) -> FastAPI:
+    limiter = RateLimiter(rate_limit_per_minute)
     metrics = GatewayMetrics()
     router = router or Router({})
     feedback = feedback or FeedbackStore(None)
@@ -76,6 +86,14 @@ def create_app(
                         error_body("invalid or missing API key", "authentication_error", "invalid_api_key"),
                         status_code=401,
                     )
+            key = request.headers.get("authorization", "")[7:] or (request.client.host if request.client else "")
+            allowed, retry_after = limiter.allow(key)
+            if not allowed:
+                return JSONResponse(
+                    error_body("rate limit reached for this API key", "rate_limit_error", "rate_limit_exceeded"),
+                    status_code=429,
+                    headers={"Retry-After": f"{max(1, round(retry_after))}"},
+                )
             length = int(request.headers.get("content-length") or 0)
             if length > max_request_bytes:
                 return JSONResponse(
@@ -132,6 +150,27 @@ def create_app(
             for name in router.names()
         ]
         return {"object": "list", "data": served + routes}
+
+    @app.post("/v1/batch")
+    async def batch(body: BatchRequest) -> dict[str, Any]:
+        """Synchronous batch: a list of chat requests processed concurrently; each answer or error in order."""
+        import asyncio
+
+        async def one(item: ChatCompletionRequest) -> dict[str, Any]:
+            try:
+                if item.stream:
+                    raise GatewayError(400, "stream is not allowed inside a batch", param="stream")
+                served, variant = pick(item)
+                generation = to_generation(item, None, served)
+                generation.buffered = True
+                return {"status": 200, "body": await complete(generation, item, True, variant)}
+            except GatewayError as error:
+                return {"status": error.status, "body": error_body(error.message, error.kind, error.code, error.param)}
+            except TuneloopError as error:
+                return {"status": 503, "body": error_body(error.message, "server_error", "engine_unavailable")}
+
+        results = await asyncio.gather(*(one(item) for item in body.requests))
+        return {"object": "batch.result", "data": list(results)}
 
     @app.post("/v1/feedback")
     async def post_feedback(body: FeedbackRequest) -> dict[str, Any]:

@@ -63,6 +63,10 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(None, ge=0, le=5)
 
 
+class BatchRequest(BaseModel):
+    requests: list[ChatCompletionRequest] = Field(min_length=1, max_length=256)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

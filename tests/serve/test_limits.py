@@ -1,0 +1,41 @@
+"""Per-key rate limits and the synchronous batch endpoint, on the real in-process engine (tiny model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from tuneloop.serve.engines.transformers_engine import TransformersEngine
+from tuneloop.serve.gateway.app import create_app
+
+
+def test_rate_limit_per_key_and_batch(tiny_model_dir: Path) -> None:
+    engine = TransformersEngine(str(tiny_model_dir), tiny_model_dir, {})
+    app = create_app(engine, api_keys=["alpha", "beta"], rate_limit_per_minute=3)
+    body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with TestClient(app) as client:
+        alpha = {"Authorization": "Bearer alpha"}
+        statuses = [client.post("/v1/chat/completions", json=body, headers=alpha).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        limited = client.post("/v1/chat/completions", json=body, headers=alpha)
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded" and int(limited.headers["Retry-After"]) >= 1
+        beta = {"Authorization": "Bearer beta"}  # another key has its own bucket
+        batch = client.post(
+            "/v1/batch",
+            headers=beta,
+            json={
+                "requests": [
+                    body,
+                    {**body, "model": "missing"},
+                    {**body, "messages": [{"role": "user", "content": "again"}]},
+                ]
+            },
+        )
+        assert batch.status_code == 200
+        results = batch.json()["data"]
+        assert [item["status"] for item in results] == [200, 404, 200]
+        assert (
+            results[0]["body"]["object"] == "chat.completion"
+            and results[1]["body"]["error"]["code"] == "model_not_found"
+        )
