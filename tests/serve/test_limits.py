@@ -39,3 +39,41 @@ def test_rate_limit_per_key_and_batch(tiny_model_dir: Path) -> None:
             results[0]["body"]["object"] == "chat.completion"
             and results[1]["body"]["error"]["code"] == "model_not_found"
         )
+
+
+def test_completions_logprobs_and_echo_match_the_model(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = TransformersEngine(str(tiny_model_dir), tiny_model_dir, {})
+    app = create_app(engine)
+    prompt = "number 4 is 4"
+    with TestClient(app) as client:
+        scored = client.post(
+            "/v1/completions",
+            json={
+                "model": str(tiny_model_dir),
+                "prompt": prompt,
+                "max_tokens": 0,
+                "echo": True,
+                "logprobs": 1,
+                "temperature": 0,
+            },
+        ).json()
+        generated = client.post(
+            "/v1/completions",
+            json={"model": str(tiny_model_dir), "prompt": prompt, "max_tokens": 3, "logprobs": 2, "temperature": 0},
+        ).json()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    expected = [None] + [float(log_probs[i - 1, ids[i]]) for i in range(1, len(ids))]
+    choice = scored["choices"][0]
+    assert choice["text"] == prompt and scored["usage"]["completion_tokens"] == 0
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert all(abs(a - b) < 1e-4 for a, b in zip(choice["logprobs"]["token_logprobs"][1:], expected[1:], strict=True))
+    assert "".join(choice["logprobs"]["tokens"]) == tokenizer.decode(ids)
+    assert len(generated["choices"][0]["logprobs"]["tokens"]) == generated["usage"]["completion_tokens"] <= 3
+    assert all(len(top) == 2 for top in generated["choices"][0]["logprobs"]["top_logprobs"])

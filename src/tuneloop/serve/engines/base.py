@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -50,6 +51,11 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the answer; the last chunk carries finish_reason and token counts."""
+
+    async def score(self, model: str, prompt: str, max_tokens: int, top: int, echo: bool) -> dict[str, Any]:
+        """Completions with `logprobs`: greedy continuation plus per-token log-probabilities (OpenAI's legacy
+        completions format); with `echo`, the prompt's tokens are scored too (what lm-eval's loglikelihood uses)."""
+        raise NotImplementedError(f"the {self.name} engine does not return logprobs")
 
     def stats(self) -> dict[str, float]:
         """Engine counters shown on /health (e.g. batches run, largest batch)."""

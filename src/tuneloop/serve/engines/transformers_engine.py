@@ -64,6 +64,7 @@ class TransformersEngine(Engine):
         self._worker: threading.Thread | None = None
         self._batches = 0
         self._largest_batch = 0
+        self._score_lock = threading.Lock()
 
     def stats(self) -> dict[str, float]:
         return {"batches": self._batches, "largest_batch": self._largest_batch}
@@ -117,6 +118,68 @@ class TransformersEngine(Engine):
             yield item
             if item.finish_reason:
                 return
+
+    async def score(self, model: str, prompt: str, max_tokens: int, top: int, echo: bool) -> dict[str, Any]:
+        if model != self.base_name and model not in self.adapters:
+            raise TuneloopError(f"unknown model {model!r}")
+        return await asyncio.to_thread(self._score, model, prompt, max_tokens, top, echo)
+
+    def _score(self, model: str, prompt: str, max_tokens: int, top: int, echo: bool) -> dict[str, Any]:
+        import torch
+
+        tokenizer = self.tokenizer
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        extra: dict[str, Any] = {}
+        if self.adapters:
+            extra["adapter_names"] = [BASE_ADAPTER if model == self.base_name else model]
+        with self._score_lock, torch.no_grad():
+            new_ids: list[int] = []
+            if max_tokens > 0:
+                output = self.model.generate(
+                    input_ids=torch.tensor([prompt_ids]),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id,
+                    **extra,
+                )
+                new_ids = output[0, len(prompt_ids) :].tolist()
+                if tokenizer.eos_token_id in new_ids:
+                    new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id) + 1]
+            full = prompt_ids + new_ids
+            logits = self.model(input_ids=torch.tensor([full]), **extra).logits[0].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        finished = bool(new_ids) and new_ids[-1] == tokenizer.eos_token_id
+        text_ids = new_ids[:-1] if finished else new_ids
+        start = 0 if echo else len(prompt_ids)
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        offset = 0
+        for position in range(start, len(prompt_ids) + len(text_ids)):
+            piece = tokenizer.decode([full[position]])
+            tokens.append(piece)
+            offsets.append(offset)
+            offset += len(piece)
+            if position == 0:
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                continue
+            row = log_probs[position - 1]
+            token_logprobs.append(float(row[full[position]]))
+            best = torch.topk(row, max(top, 1))
+            top_logprobs.append(
+                {tokenizer.decode([int(i)]): float(v) for v, i in zip(best.values, best.indices, strict=True)}
+            )
+        return {
+            "text": tokenizer.decode(text_ids, skip_special_tokens=True),
+            "logprobs": {
+                "tokens": tokens,
+                "token_logprobs": token_logprobs,
+                "top_logprobs": top_logprobs,
+                "text_offset": offsets,
+            },
+            "finish_reason": "stop" if finished else "length",
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(text_ids),
+        }
 
     # -- the worker thread ----------------------------------------------------------------------------------------
     def _serve_forever(self) -> None:

@@ -254,9 +254,9 @@ def create_app(
             prompt = body.prompt[0]
         else:
             prompt = body.prompt
-        if body.logprobs is not None:
-            raise GatewayError(400, "logprobs are not supported by this engine yet", param="logprobs")
         generation = to_generation(body, prompt, served)
+        if body.logprobs is not None:
+            return respond(generation, body, False, variant, await scored(generation, body, prompt))
         generation.buffered = not body.stream
         if body.stream:
             return respond(generation, body, False, variant)
@@ -264,6 +264,32 @@ def create_app(
         if body.echo:
             result["choices"][0]["text"] = prompt + result["choices"][0]["text"]
         return respond(generation, body, False, variant, result)
+
+    async def scored(generation: GenerationRequest, body: CompletionRequest, prompt: str) -> dict[str, Any]:
+        """Completions with logprobs (and echo): lm-evaluation-harness's `local-completions` scoring path."""
+        if body.stream:
+            raise GatewayError(400, "logprobs with stream is not supported", param="stream")
+        try:
+            result = await engine.score(generation.model, prompt, body.max_tokens or 0, body.logprobs or 0, body.echo)
+        except NotImplementedError as error:
+            raise GatewayError(400, str(error), param="logprobs") from None
+        text = (prompt + result["text"]) if body.echo else result["text"]
+        usage = {
+            "prompt_tokens": result["prompt_tokens"],
+            "completion_tokens": result["completion_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
+        }
+        metrics.requests.labels(model=body.model, variant=generation.model, status="success").inc()
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": generation.model,
+            "choices": [
+                {"index": 0, "text": text, "finish_reason": result["finish_reason"], "logprobs": result["logprobs"]}
+            ],
+            "usage": usage,
+        }
 
     async def run(generation: GenerationRequest, asked: str) -> AsyncIterator[Any]:
         labels = {"model": asked, "variant": generation.model}

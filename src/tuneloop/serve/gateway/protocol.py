@@ -59,6 +59,7 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo + logprobs scores the prompt only
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 
