@@ -651,6 +651,7 @@ def serve(
     chosen = engine or settings.engine
     engine_instance = build_engine(config, space, [] if chosen == "remote" else wanted, chosen)
     keys = settings.api_keys + [key for key in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if key]
+    from tuneloop.serve.gateway.batches import BatchStore
     from tuneloop.serve.gateway.feedback import FeedbackStore
     from tuneloop.serve.gateway.routing import Router
 
@@ -662,6 +663,7 @@ def serve(
         router=Router(settings.routes, seed=config.project.seed),
         feedback=FeedbackStore(space.root / "serve" / "feedback.jsonl"),
         rate_limit_per_minute=settings.rate_limit_per_minute,
+        batch_store=BatchStore(space.root / "serve"),
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [model.name for model in engine_instance.models()]

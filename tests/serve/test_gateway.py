@@ -308,3 +308,45 @@ def test_bench_serve_reports_latency_percentiles(gateway: dict) -> None:
         ],
     )
     assert json.loads(unauthorised.stdout)["errors"] == 2
+
+
+def test_files_and_batches_round_trip(client, gateway: dict, tmp_path: Path) -> None:
+    lines = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": gateway["adapter"],
+                "messages": [{"role": "user", "content": f"Repeat {i}"}],
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+        }
+        for i in range(5)
+    ]
+    lines.append(
+        {
+            "custom_id": "bad",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+        }
+    )
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    uploaded = client.files.create(file=path.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.time() + 120
+    while batch.status not in ("completed", "failed", "cancelled") and time.time() < deadline:
+        time.sleep(0.3)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed"
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (6, 5, 1)
+    output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(item["custom_id"] for item in output) == [f"req-{i}" for i in range(5)]
+    assert all(item["response"]["status_code"] == 200 for item in output)
+    assert output[0]["response"]["body"]["object"] == "chat.completion"
+    errors = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert errors[0]["custom_id"] == "bad" and errors[0]["response"]["status_code"] == 404
+    assert any(item.id == batch.id for item in client.batches.list().data)

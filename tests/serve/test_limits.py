@@ -77,3 +77,49 @@ def test_completions_logprobs_and_echo_match_the_model(tiny_model_dir: Path) -> 
     assert "".join(choice["logprobs"]["tokens"]) == tokenizer.decode(ids)
     assert len(generated["choices"][0]["logprobs"]["tokens"]) == generated["usage"]["completion_tokens"] <= 3
     assert all(len(top) == 2 for top in generated["choices"][0]["logprobs"]["top_logprobs"])
+
+
+def test_batch_jobs_survive_a_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A job left `in_progress` by a crashed gateway is resumed by the next one without redoing finished lines."""
+    import json
+    import time
+
+    from tuneloop.serve.gateway.batches import BatchStore
+
+    store = BatchStore(tmp_path / "serve")
+    body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    lines = [{"custom_id": f"r{i}", "url": "/v1/chat/completions", "body": body} for i in range(4)]
+    upload = store.add_file("in.jsonl", "batch", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    job = store.create(upload["id"], "/v1/chat/completions", "24h", None)
+    job["status"] = "in_progress"  # the crash: one line had finished, the rest had not
+    store.save(job)
+    finished = {"id": "x", "custom_id": "r0", "response": {"status_code": 200, "body": {}}, "error": None}
+    (store.files / f"{job['output_file_id']}.data").write_text(json.dumps(finished) + "\n")
+    app = create_app(
+        TransformersEngine(str(tiny_model_dir), tiny_model_dir, {}), batch_store=BatchStore(tmp_path / "serve")
+    )
+    with TestClient(app) as client:
+        deadline = time.time() + 60
+        while client.get(f"/v1/batches/{job['id']}").json()["status"] != "completed" and time.time() < deadline:
+            time.sleep(0.2)
+        content = client.get(f"/v1/files/{job['output_file_id']}/content").text
+    ids = [json.loads(line)["custom_id"] for line in content.splitlines()]
+    assert sorted(ids) == ["r0", "r1", "r2", "r3"]  # r0 not redone, none lost
+
+
+def test_n_choices(tiny_model_dir: Path) -> None:
+    app = create_app(TransformersEngine(str(tiny_model_dir), tiny_model_dir, {}))
+    body = {
+        "model": str(tiny_model_dir),
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "n": 3,
+        "temperature": 0,
+    }
+    with TestClient(app) as client:
+        response = client.post("/v1/chat/completions", json=body).json()
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert [choice["index"] for choice in response["choices"]] == [0, 1, 2]
+    assert len({choice["message"]["content"] for choice in response["choices"]}) == 1  # greedy: all equal
+    assert 0 < response["usage"]["completion_tokens"] <= 9
+    assert streamed.status_code == 400

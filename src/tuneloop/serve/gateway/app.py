@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.engines.base import Engine, GenerationRequest
+from tuneloop.serve.gateway.batches import BATCH_ENDPOINTS, BatchStore
 from tuneloop.serve.gateway.feedback import FeedbackRequest, FeedbackStore
 from tuneloop.serve.gateway.limits import RateLimiter
 from tuneloop.serve.gateway.metrics import GatewayMetrics
@@ -58,6 +59,7 @@ def create_app(
     router: Router | None = None,
     feedback: FeedbackStore | None = None,
     rate_limit_per_minute: int | None = None,
+    batch_store: BatchStore | None = None,
 ) -> FastAPI:
     limiter = RateLimiter(rate_limit_per_minute)
     metrics = GatewayMetrics()
@@ -69,6 +71,9 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         state["ready"] = True
+        if batch_store is not None:
+            for job in batch_store.unfinished():  # a restart loses no batch job
+                batch_store.start(job, run_batch_item)
         log.info("engine %s ready: %s", engine.name, [model.name for model in engine.models()])
         yield
         state["ready"] = False
@@ -172,6 +177,96 @@ def create_app(
         results = await asyncio.gather(*(one(item) for item in body.requests))
         return {"object": "batch.result", "data": list(results)}
 
+    async def run_batch_item(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """One line of a batch job, through the same validation, routing and engine as a live request."""
+        from pydantic import ValidationError
+
+        try:
+            if url not in BATCH_ENDPOINTS:
+                raise GatewayError(400, f"unsupported url {url!r} in a batch", param="url")
+            chat = url.endswith("chat/completions")
+            request = (ChatCompletionRequest if chat else CompletionRequest).model_validate({**body, "stream": False})
+            served, variant = pick(request)
+            prompt = None if chat else (request.prompt if isinstance(request.prompt, str) else request.prompt[0])
+            generation = to_generation(request, prompt, served)
+            generation.buffered = True
+            return 200, await complete(generation, request, chat, variant)
+        except ValidationError as error:
+            return 400, error_body(str(error.errors()[0].get("msg")), "invalid_request_error", "invalid_value")
+        except GatewayError as error:
+            return error.status, error_body(error.message, error.kind, error.code, error.param)
+        except TuneloopError as error:
+            return 503, error_body(error.message, "server_error", "engine_unavailable")
+
+    def batches() -> BatchStore:
+        if batch_store is None:
+            raise GatewayError(404, "the Files and Batches API is not enabled on this gateway")
+        return batch_store
+
+    @app.post("/v1/files")
+    async def upload_file(file: UploadFile, purpose: str = Form(...)) -> dict[str, Any]:
+        content = await file.read()
+        if purpose == "batch":
+            for number, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError:
+                        raise GatewayError(400, f"line {number} of {file.filename} is not JSON", param="file") from None
+        return batches().add_file(file.filename or "upload.jsonl", purpose, content)
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(file_id: str) -> dict[str, Any]:
+        meta = batches().file(file_id)
+        if meta is None:
+            raise GatewayError(404, f"no file {file_id!r}", param="file_id")
+        return meta
+
+    @app.get("/v1/files/{file_id}/content")
+    async def get_file_content(file_id: str) -> Any:
+        from fastapi.responses import Response
+
+        content = batches().file_content(file_id)
+        if content is None:
+            raise GatewayError(404, f"no file {file_id!r}", param="file_id")
+        return Response(content, media_type="application/jsonl")
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        store = batches()
+        if body.get("endpoint") not in BATCH_ENDPOINTS:
+            raise GatewayError(400, f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", param="endpoint")
+        if store.file(str(body.get("input_file_id"))) is None:
+            raise GatewayError(400, f"no file {body.get('input_file_id')!r}", param="input_file_id")
+        job = store.create(
+            body["input_file_id"], body["endpoint"], body.get("completion_window", "24h"), body.get("metadata")
+        )
+        store.start(job, run_batch_item)
+        return job
+
+    @app.get("/v1/batches")
+    async def list_batches() -> dict[str, Any]:
+        return {"object": "list", "data": batches().all(), "has_more": False}
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str) -> dict[str, Any]:
+        job = batches().get(batch_id)
+        if job is None:
+            raise GatewayError(404, f"no batch {batch_id!r}", param="batch_id")
+        return job
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str) -> dict[str, Any]:
+        store = batches()
+        job = store.get(batch_id)
+        if job is None:
+            raise GatewayError(404, f"no batch {batch_id!r}", param="batch_id")
+        if job["status"] in ("validating", "in_progress"):
+            job["status"] = "cancelling"
+            store.save(job)
+        return job
+
     @app.post("/v1/feedback")
     async def post_feedback(body: FeedbackRequest) -> dict[str, Any]:
         entry = feedback.record(body)
@@ -237,13 +332,28 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest) -> Any:
         served, variant = pick(body)
-        if body.n != 1:
-            raise GatewayError(400, "n > 1 is not supported by this engine yet", param="n")
         generation = to_generation(body, None, served)
         generation.buffered = not body.stream
         if body.stream:
+            if body.n != 1:
+                raise GatewayError(400, "n > 1 cannot be streamed yet; drop stream or n", param="n")
             return respond(generation, body, True, variant)
-        return respond(generation, body, True, variant, await complete(generation, body, True, variant))
+        if body.n == 1:
+            return respond(generation, body, True, variant, await complete(generation, body, True, variant))
+        import asyncio
+        from dataclasses import replace
+
+        # n choices: n generations, run concurrently so the engine batches them; distinct seeds when sampling.
+        runs = [replace(generation, seed=None if body.seed is None else body.seed + index) for index in range(body.n)]
+        results = await asyncio.gather(*(complete(run, body, True, variant) for run in runs))
+        merged = results[0]
+        merged["choices"] = [{**result["choices"][0], "index": index} for index, result in enumerate(results)]
+        merged["usage"] = {
+            "prompt_tokens": results[0]["usage"]["prompt_tokens"],
+            "completion_tokens": sum(result["usage"]["completion_tokens"] for result in results),
+        }
+        merged["usage"]["total_tokens"] = merged["usage"]["prompt_tokens"] + merged["usage"]["completion_tokens"]
+        return respond(generation, body, True, variant, merged)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
