@@ -351,7 +351,7 @@ class ServeConfig(_Section):
     """Read by `tuneloop serve`: engine and address of the gateway."""
 
     engine: Literal["auto", "vllm", "llamacpp", "transformers", "remote"] = Field(
-        "auto", description="Serving engine (`auto`: the fastest one installed; today `transformers`)."
+        "auto", description="Serving engine (`auto`: vLLM when its virtualenv exists, else `transformers`)."
     )
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
@@ -375,6 +375,12 @@ class ServeConfig(_Section):
         description="`engine: remote`: OpenAI-compatible base URLs of the replicas (vLLM, llama-server, another tuneloop).",
     )
     remote_api_key: str | None = Field(None, description="`engine: remote`: Bearer key sent to the replicas.")
+    vllm_python: str | None = Field(
+        None, description="`engine: vllm`: the python of vLLM's own virtualenv (default .venv-vllm/bin/python)."
+    )
+    vllm_kv_cache_gib: int = Field(
+        2, ge=1, description="`engine: vllm` on CPU: KV-cache size (VLLM_CPU_KVCACHE_SPACE)."
+    )
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict, description="A/B splits by the model name clients use (see RouteConfig)."
     )

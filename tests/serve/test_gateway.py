@@ -41,7 +41,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         f"data: {{sources: [{{path: {rows}}}], max_seq_len: 128,"
         " filters: {near_duplicates: {enabled: false}, toxicity: {enabled: false}}}\n"
         "train: {max_steps: 4, batch_size: 2, eval_every: 2, save_every: 2, report_to: []}\n"
-        f"serve: {{api_keys: [{API_KEY}], precision: fp32}}\n"
+        f"serve: {{engine: transformers, api_keys: [{API_KEY}], precision: fp32}}\n"
     )
     routes = root / "routes.yaml"  # written once the adapters exist: an A/B split between them
     environment = {**os.environ, "TUNELOOP_HOME": str(workspace)}

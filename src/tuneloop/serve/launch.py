@@ -20,10 +20,17 @@ def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str]
         from tuneloop.serve.engines.remote import RemoteEngine
 
         return RemoteEngine(config.serve.remote_urls, config.serve.remote_api_key)
-    if engine not in ("auto", "transformers"):
+    from pathlib import Path
+
+    from tuneloop.serve.engines.vllm import VllmEngine, default_vllm_python, vllm_available
+
+    vllm_python = Path(config.serve.vllm_python) if config.serve.vllm_python else default_vllm_python()
+    if engine == "auto":
+        engine = "vllm" if vllm_available(vllm_python) else "transformers"
+    if engine not in ("transformers", "vllm"):
         raise TuneloopError(
             f"serve.engine={engine!r} is not available in this version",
-            hint="use `transformers` (in-process) or `remote`; the vLLM and llama.cpp engines are being added",
+            hint="use `transformers` (in-process), `vllm` or `remote`; the llama.cpp engine is being added",
         )
     base_folder = materialize(resolve_base(config.base_model_spec(), workspace))
     adapters = {}
@@ -34,6 +41,15 @@ def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str]
         if spec.base_folder.resolve() != base_folder.resolve():
             raise TuneloopError(f"{ref} was trained on {spec.base_folder}, not on the served base {base_folder}")
         adapters[ref] = spec.adapter
+    if engine == "vllm":
+        return VllmEngine(
+            config.model.base,
+            base_folder,
+            adapters,
+            python=vllm_python,
+            kv_cache_gib=config.serve.vllm_kv_cache_gib,
+            log_file=workspace.root / "serve" / "vllm.log",
+        )
     from tuneloop.serve.engines.transformers_engine import TransformersEngine
     from tuneloop.train.device import resolve_precision
 

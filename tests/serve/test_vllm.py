@@ -1,0 +1,100 @@
+"""The vLLM engine for real: vLLM's CPU build from .venv-vllm (`make vllm`, which `make test` runs), SmolLM2-135M
+with a LoRA adapter, behind the gateway on 127.0.0.1, driven with the openai client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serve.test_gateway import free_port
+from tuneloop.serve.engines.vllm import default_vllm_python
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_vllm_engine_serves_base_and_adapter(smollm2_folder: Path, tmp_path: Path) -> None:
+    vllm_python = REPO / default_vllm_python()
+    if not vllm_python.exists():
+        pytest.skip("vLLM's virtualenv is missing: run `make vllm`")
+    from openai import OpenAI
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(smollm2_folder),
+        LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(smollm2_folder).save_pretrained(adapter)
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {{base: {smollm2_folder}}}\nserve: {{engine: vllm, vllm_python: {vllm_python}}}\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tuneloop.cli",
+            "serve",
+            "-c",
+            str(config),
+            "--model",
+            str(adapter),
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "TUNELOOP_HOME": str(tmp_path / "ws")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if process.poll() is not None:
+                log = tmp_path / "ws" / "serve" / "vllm.log"
+                pytest.fail(
+                    f"gateway exited: {process.stdout.read() if process.stdout else ''}\n"
+                    f"{log.read_text()[-3000:] if log.exists() else ''}"
+                )
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("vLLM gateway not ready in 600 s")
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        models = {model.id: model for model in client.models.list().data}
+        assert str(adapter) in models and models[str(adapter)].model_extra["parent"] == str(smollm2_folder)
+        answer = client.chat.completions.create(
+            model=str(smollm2_folder),
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0,
+        )
+        assert "Paris" in answer.choices[0].message.content and answer.usage.completion_tokens > 0
+        streamed = client.chat.completions.create(
+            model=str(adapter),
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(streamed)
+        assert chunks[-1].usage.completion_tokens > 0
+        assert httpx.get(f"{url}/health", timeout=5).json()["engine"] == "vllm"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
