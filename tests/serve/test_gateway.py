@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +13,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from tests.serve.servers import start_serve, wait_ready
 from tuneloop.cli import app
 
 API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         f"serve: {{engine: transformers, api_keys: [{API_KEY}], precision: fp32}}\n"
     )
     routes = root / "routes.yaml"  # written once the adapters exist: an A/B split between them
-    environment = {**os.environ, "TUNELOOP_HOME": str(workspace)}
     os.environ["TUNELOOP_HOME"] = str(workspace)
     run_ids = []
     try:
@@ -73,28 +64,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
             f"precision: fp32, routes: {{extractor: {{variants: {{{run_id}: 90, {second}: 10}}}}}}}}",
         )
     )
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tuneloop.cli", "serve", "-c", str(routes), "--port", str(port)],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            pytest.fail(f"gateway exited: {process.stdout.read() if process.stdout else ''}")
-        time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("gateway not ready in 180 s")
+    process, url = start_serve(routes, workspace)
+    wait_ready(url, process)
     yield {"url": url, "base": str(tiny_model_dir), "adapter": run_id, "adapter2": second, "process": process}
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0  # drains and exits 0

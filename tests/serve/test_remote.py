@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,48 +11,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.test_gateway import free_port
-
-
-def start(config: Path, port: int, workspace: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tuneloop.cli", "serve", "-c", str(config), "--port", str(port)],
-        env={**os.environ, "TUNELOOP_HOME": str(workspace)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def wait_ready(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url} exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{url} not ready")
+from tests.serve.servers import start_serve, wait_ready
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[dict]:
     replica_config = tmp_path / "replica.yaml"
     replica_config.write_text(f"model: {{base: {tiny_model_dir}}}\nserve: {{engine: transformers, precision: fp32}}\n")
-    ports = [free_port(), free_port()]
-    replicas = [start(replica_config, port, tmp_path / "ws") for port in ports]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    started = [start_serve(replica_config, tmp_path / "ws") for _ in range(2)]
+    replicas = [process for process, _ in started]
+    urls = [url for _, url in started]
     for url, process in zip(urls, replicas, strict=True):
         wait_ready(url, process)
     front_config = tmp_path / "front.yaml"
     front_config.write_text(
         f"model: {{base: {tiny_model_dir}}}\nserve: {{engine: remote, remote_urls: [{urls[0]}/v1, {urls[1]}/v1]}}\n"
     )
-    front_port = free_port()
-    front = start(front_config, front_port, tmp_path / "ws")
-    front_url = f"http://127.0.0.1:{front_port}"
+    front, front_url = start_serve(front_config, tmp_path / "ws")
     wait_ready(front_url, front)
     yield {"front": front_url, "replicas": replicas, "urls": urls, "model": str(tiny_model_dir)}
     for process in [front, *replicas]:

@@ -3,17 +3,13 @@ with a LoRA adapter, behind the gateway on 127.0.0.1, driven with the openai cli
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serve.test_gateway import free_port
+from tests.serve.servers import start_serve, wait_ready
 from tuneloop.serve.engines.vllm import default_vllm_python
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,43 +33,9 @@ def test_vllm_engine_serves_base_and_adapter(smollm2_folder: Path, tmp_path: Pat
     AutoTokenizer.from_pretrained(smollm2_folder).save_pretrained(adapter)
     config = tmp_path / "serve.yaml"
     config.write_text(f"model: {{base: {smollm2_folder}}}\nserve: {{engine: vllm, vllm_python: {vllm_python}}}\n")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tuneloop.cli",
-            "serve",
-            "-c",
-            str(config),
-            "--model",
-            str(adapter),
-            "--port",
-            str(port),
-        ],
-        env={**os.environ, "TUNELOOP_HOME": str(tmp_path / "ws")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_serve(config, tmp_path / "ws", "--model", str(adapter))
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if process.poll() is not None:
-                log = tmp_path / "ws" / "serve" / "vllm.log"
-                pytest.fail(
-                    f"gateway exited: {process.stdout.read() if process.stdout else ''}\n"
-                    f"{log.read_text()[-3000:] if log.exists() else ''}"
-                )
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("vLLM gateway not ready in 600 s")
+        wait_ready(url, process, seconds=600, log=tmp_path / "ws" / "serve" / "vllm.log")
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         models = {model.id: model for model in client.models.list().data}
         assert str(adapter) in models and models[str(adapter)].model_extra["parent"] == str(smollm2_folder)

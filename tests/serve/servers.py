@@ -1,0 +1,50 @@
+"""Starting real `tuneloop serve` processes on 127.0.0.1 for tests, and waiting until they are ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_serve(config: Path, workspace: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """`tuneloop serve -c CONFIG` on a free port; its output is kept for failure messages."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tuneloop.cli", "serve", "-c", str(config), "--port", str(port), *extra],
+        env={**os.environ, "TUNELOOP_HOME": str(workspace)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 180, log: Path | None = None) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            extra = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            pytest.fail(
+                f"{url} exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}\n{extra}"
+            )
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    pytest.fail(f"{url} not ready in {seconds:.0f} s")
