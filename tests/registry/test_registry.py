@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.tiny_model import save_random_lora
 from tuneloop.cli import app
 
 runner = CliRunner()
@@ -177,20 +178,12 @@ def test_train_registers_automatically_when_a_name_is_set(train_config) -> None:
 @pytest.mark.slow
 def test_gguf_exports_read_back(smollm2_workspace: Path, tmp_path: Path) -> None:
     """llama.cpp's converters (from the llama-cpp-python sdist) on the real SmolLM2: full model and a LoRA adapter."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     smollm2 = smollm2_workspace / "models" / "smollm2-135m-instruct"
     exported = cli("export", "base", "--format", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "gguf"))
     assert exported["architecture"] == "llama" and exported["tensors"] > 100
     assert Path(exported["path"]).name == "model-q8_0.gguf"
-    adapter = tmp_path / "adapter"
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(smollm2),
-        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    model.save_pretrained(adapter)
-    AutoTokenizer.from_pretrained(smollm2).save_pretrained(adapter)
+    adapter = save_random_lora(smollm2, tmp_path / "adapter", r=4)
     lora = cli("export", str(adapter), "--format", "gguf-lora", "--out", str(tmp_path / "gguf-lora"))
     assert lora["tensors"] == 30 * 2 * 2  # 30 layers x (q, v) x (A, B)
     refused = runner.invoke(app, ["export", "base", "--format", "gguf", "--quant", "q4_k_m"])

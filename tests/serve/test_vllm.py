@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.serve.servers import start_serve, wait_ready
+from tests.tiny_model import save_random_lora
 from tuneloop.serve.engines.vllm import default_vllm_python
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,16 +22,8 @@ def test_vllm_engine_serves_base_and_adapter(smollm2_folder: Path, tmp_path: Pat
     if not vllm_python.exists():
         pytest.skip("vLLM's virtualenv is missing: run `make vllm`")
     from openai import OpenAI
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = tmp_path / "adapter"
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(smollm2_folder),
-        LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    model.save_pretrained(adapter)
-    AutoTokenizer.from_pretrained(smollm2_folder).save_pretrained(adapter)
+    adapter = save_random_lora(smollm2_folder, tmp_path / "adapter", r=8)
     config = tmp_path / "serve.yaml"
     config.write_text(f"model: {{base: {smollm2_folder}}}\nserve: {{engine: vllm, vllm_python: {vllm_python}}}\n")
     process, url = start_serve(config, tmp_path / "ws", "--model", str(adapter))

@@ -22,7 +22,7 @@ from tuneloop.config import LoopConfig
 from tuneloop.data.prepare import PreparedDataset, prepare_dataset
 from tuneloop.errors import TuneloopError
 from tuneloop.models import load_tokenizer, materialize, resolve_base
-from tuneloop.train.device import Precision, available_memory_mb, peak_memory_mb, resolve_precision
+from tuneloop.train.device import Precision, available_memory_mb, has_cuda, peak_memory_mb, resolve_precision
 from tuneloop.train.memory import MemoryEstimate, estimate_memory, preflight
 from tuneloop.train.runs import RunRecord, find_resumable, last_checkpoint, new_run_id, run_key
 from tuneloop.workspace import Workspace
@@ -318,14 +318,8 @@ def _training_arguments(config: LoopConfig, run_dir: Path, precision: Precision,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        use_cpu=not _cuda(),
+        use_cpu=not has_cuda(),
     )
-
-
-def _cuda() -> bool:
-    from tuneloop.train.device import has_cuda
-
-    return has_cuda()
 
 
 def _save_outputs(trainer: Any, model: Any, tokenizer: Any, base_source: str, method: str, run_dir: Path) -> Path:

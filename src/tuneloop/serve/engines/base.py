@@ -7,7 +7,7 @@ same small interface directly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,11 @@ class ServedModel:
     name: str
     parent: str | None  # the base model of an adapter
     owned_by: str = "tuneloop"
+
+
+def base_with_adapters(base_name: str, adapters: Iterable[str]) -> list[ServedModel]:
+    """The models an engine serving one base and LoRA adapters on it exposes (adapters name the base as parent)."""
+    return [ServedModel(base_name, None)] + [ServedModel(name, base_name) for name in adapters]
 
 
 class Engine(ABC):

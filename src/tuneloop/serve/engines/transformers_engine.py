@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import TuneloopError
-from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, ServedModel
+from tuneloop.serve.engines.base import (
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    ServedModel,
+    base_with_adapters,
+)
 
 BASE_ADAPTER = "__base__"
 
@@ -70,7 +76,7 @@ class TransformersEngine(Engine):
         return {"batches": self._batches, "largest_batch": self._largest_batch}
 
     def models(self) -> list[ServedModel]:
-        return [ServedModel(self.base_name, None)] + [ServedModel(name, self.base_name) for name in self.adapters]
+        return base_with_adapters(self.base_name, self.adapters)
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)

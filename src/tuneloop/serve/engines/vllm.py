@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import TuneloopError
-from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, ServedModel
+from tuneloop.serve.engines.base import (
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    ServedModel,
+    base_with_adapters,
+)
 from tuneloop.serve.engines.remote import RemoteEngine
 
 
@@ -60,7 +66,7 @@ class VllmEngine(Engine):
         self.remote: RemoteEngine | None = None
 
     def models(self) -> list[ServedModel]:
-        return [ServedModel(self.base_name, None)] + [ServedModel(name, self.base_name) for name in self.adapters]
+        return base_with_adapters(self.base_name, self.adapters)
 
     def stats(self) -> dict[str, Any]:
         return {"pid": self.process.pid if self.process else None, **(self.remote.stats() if self.remote else {})}

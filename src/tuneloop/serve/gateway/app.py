@@ -198,6 +198,11 @@ def create_app(
         except TuneloopError as error:
             return 503, error_body(error.message, "server_error", "engine_unavailable")
 
+    def found(value: Any, what: str, identifier: str, param: str) -> Any:
+        if value is None:
+            raise GatewayError(404, f"no {what} {identifier!r}", param=param)
+        return value
+
     def batches() -> BatchStore:
         if batch_store is None:
             raise GatewayError(404, "the Files and Batches API is not enabled on this gateway")
@@ -217,18 +222,13 @@ def create_app(
 
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str) -> dict[str, Any]:
-        meta = batches().file(file_id)
-        if meta is None:
-            raise GatewayError(404, f"no file {file_id!r}", param="file_id")
-        return meta
+        return found(batches().file(file_id), "file", file_id, "file_id")
 
     @app.get("/v1/files/{file_id}/content")
     async def get_file_content(file_id: str) -> Any:
         from fastapi.responses import Response
 
-        content = batches().file_content(file_id)
-        if content is None:
-            raise GatewayError(404, f"no file {file_id!r}", param="file_id")
+        content = found(batches().file_content(file_id), "file", file_id, "file_id")
         return Response(content, media_type="application/jsonl")
 
     @app.post("/v1/batches")
@@ -251,17 +251,12 @@ def create_app(
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str) -> dict[str, Any]:
-        job = batches().get(batch_id)
-        if job is None:
-            raise GatewayError(404, f"no batch {batch_id!r}", param="batch_id")
-        return job
+        return found(batches().get(batch_id), "batch", batch_id, "batch_id")
 
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str) -> dict[str, Any]:
         store = batches()
-        job = store.get(batch_id)
-        if job is None:
-            raise GatewayError(404, f"no batch {batch_id!r}", param="batch_id")
+        job = found(store.get(batch_id), "batch", batch_id, "batch_id")
         if job["status"] in ("validating", "in_progress"):
             job["status"] = "cancelling"
             store.save(job)
