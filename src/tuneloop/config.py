@@ -381,6 +381,20 @@ class ServeConfig(_Section):
     vllm_kv_cache_gib: int = Field(
         2, ge=1, description="`engine: vllm` on CPU: KV-cache size (VLLM_CPU_KVCACHE_SPACE)."
     )
+    llamacpp_server: str | None = Field(
+        None,
+        description="`engine: llamacpp`: the llama-server binary (default $TUNELOOP_LLAMA_SERVER, then "
+        ".llamacpp/bin/llama-server from `make llamacpp`, then llama-server on PATH).",
+    )
+    llamacpp_quant: Literal["f16", "bf16", "f32", "q8_0"] = Field(
+        "q8_0", description="`engine: llamacpp`: GGUF type the base model is converted to (q8_0: fastest on CPU)."
+    )
+    llamacpp_parallel: int = Field(
+        8, ge=1, description="`engine: llamacpp`: server slots, i.e. requests decoded together in one batch."
+    )
+    llamacpp_threads: int | None = Field(
+        None, ge=1, description="`engine: llamacpp`: CPU threads (default: all cores)."
+    )
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict, description="A/B splits by the model name clients use (see RouteConfig)."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -81,7 +82,6 @@ def test_completions_logprobs_and_echo_match_the_model(tiny_model_dir: Path) -> 
 
 def test_batch_jobs_survive_a_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A job left `in_progress` by a crashed gateway is resumed by the next one without redoing finished lines."""
-    import json
     import time
 
     from tuneloop.serve.gateway.batches import BatchStore
@@ -118,8 +118,22 @@ def test_n_choices(tiny_model_dir: Path) -> None:
     }
     with TestClient(app) as client:
         response = client.post("/v1/chat/completions", json=body).json()
-        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+        streamed = client.post(
+            "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        )
     assert [choice["index"] for choice in response["choices"]] == [0, 1, 2]
     assert len({choice["message"]["content"] for choice in response["choices"]}) == 1  # greedy: all equal
     assert 0 < response["usage"]["completion_tokens"] <= 9
-    assert streamed.status_code == 400
+    # Streamed n > 1: per choice the role first, its text, its finish_reason; one usage chunk for all choices.
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    texts, finished = {0: "", 1: "", 2: ""}, set()
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        assert choice["index"] not in finished
+        texts[choice["index"]] += choice["delta"].get("content") or ""
+        if choice["finish_reason"]:
+            finished.add(choice["index"])
+    assert [events[i]["choices"][0]["delta"]["role"] for i in range(3)] == ["assistant"] * 3
+    assert finished == {0, 1, 2} and set(texts.values()) == {response["choices"][0]["message"]["content"]}
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == response["usage"]

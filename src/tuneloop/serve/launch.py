@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tuneloop.config import LoopConfig
@@ -14,41 +16,56 @@ from tuneloop.models import materialize, resolve_base
 from tuneloop.serve.engines.base import Engine
 from tuneloop.workspace import Workspace
 
+log = logging.getLogger("tuneloop.serve")
+
 
 def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str], engine: str) -> Engine:
     if engine == "remote":
         from tuneloop.serve.engines.remote import RemoteEngine
 
         return RemoteEngine(config.serve.remote_urls, config.serve.remote_api_key)
-    from pathlib import Path
+    from tuneloop.serve.engines.llamacpp import default_llama_server
+    from tuneloop.serve.engines.vllm import default_vllm_python
 
-    from tuneloop.serve.engines.vllm import VllmEngine, default_vllm_python, vllm_available
-
-    vllm_python = Path(config.serve.vllm_python) if config.serve.vllm_python else default_vllm_python()
+    serve = config.serve
+    vllm_python = Path(serve.vllm_python) if serve.vllm_python else default_vllm_python()
+    llama_server = Path(serve.llamacpp_server) if serve.llamacpp_server else default_llama_server()
     if engine == "auto":
-        engine = "vllm" if vllm_available(vllm_python) else "transformers"
-    if engine not in ("transformers", "vllm"):
-        raise TuneloopError(
-            f"serve.engine={engine!r} is not available in this version",
-            hint="use `transformers` (in-process), `vllm` or `remote`; the llama.cpp engine is being added",
-        )
+        engine = choose_engine(vllm_python, llama_server, model_refs)
+        log.info("engine auto: chose %s", engine)
+    if engine == "llamacpp" and any(ref.endswith(".gguf") for ref in model_refs):
+        return _merged_gguf_engine(config, workspace, model_refs, llama_server)
     base_folder = materialize(resolve_base(config.base_model_spec(), workspace))
     adapters = {}
     for ref in model_refs:
         spec = resolve_model_ref(ref, config, workspace)
         if spec.adapter is None:
-            raise TuneloopError(f"{ref} is a full model; the in-process engine serves adapters on one base")
+            raise TuneloopError(f"{ref} is a full model; the engines serve adapters on one base")
         if spec.base_folder.resolve() != base_folder.resolve():
             raise TuneloopError(f"{ref} was trained on {spec.base_folder}, not on the served base {base_folder}")
         adapters[ref] = spec.adapter
     if engine == "vllm":
+        from tuneloop.serve.engines.vllm import VllmEngine
+
         return VllmEngine(
             config.model.base,
             base_folder,
             adapters,
             python=vllm_python,
-            kv_cache_gib=config.serve.vllm_kv_cache_gib,
+            kv_cache_gib=serve.vllm_kv_cache_gib,
             log_file=workspace.root / "serve" / "vllm.log",
+        )
+    if engine == "llamacpp":
+        from tuneloop.serve.engines.llamacpp import LlamaCppEngine, gguf_for_adapter, gguf_for_base
+
+        return LlamaCppEngine(
+            config.model.base,
+            gguf_for_base(base_folder, workspace, serve.llamacpp_quant),
+            {name: gguf_for_adapter(base_folder, adapter, workspace) for name, adapter in adapters.items()},
+            _llama_server_or_error(llama_server),
+            parallel=serve.llamacpp_parallel,
+            threads=serve.llamacpp_threads,
+            log_file=workspace.root / "serve" / "llamacpp.log",
         )
     from tuneloop.serve.engines.transformers_engine import TransformersEngine
     from tuneloop.train.device import resolve_precision
@@ -57,8 +74,50 @@ def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str]
         config.model.base,
         base_folder,
         adapters,
-        resolve_precision(config.serve.precision).torch_dtype,
-        max_batch_size=config.serve.max_batch_size,
+        resolve_precision(serve.precision).torch_dtype,
+        max_batch_size=serve.max_batch_size,
+    )
+
+
+def choose_engine(vllm_python: Path, llama_server: Path | None, model_refs: list[str]) -> str:
+    """`auto`: the fastest engine installed. Measured on a 2-core CPU (docs/benchmarks.md) llama-server outruns
+    vLLM's CPU build at every concurrency; on a GPU machine vLLM comes first. A GGUF file needs llama.cpp."""
+    from tuneloop.train.device import has_cuda
+
+    llama_ok = llama_server is not None and llama_server.exists()
+    if any(ref.endswith(".gguf") for ref in model_refs):
+        return "llamacpp"
+    order = ["vllm", "llamacpp"] if has_cuda() else ["llamacpp", "vllm"]
+    available = {"vllm": vllm_python.exists(), "llamacpp": llama_ok}
+    return next((name for name in order if available[name]), "transformers")
+
+
+def _llama_server_or_error(llama_server: Path | None) -> Path:
+    if llama_server is None:
+        raise TuneloopError(
+            "serve.engine=llamacpp but no llama-server was found",
+            hint="run `make llamacpp` (builds .llamacpp/bin/llama-server), or set serve.llamacpp_server",
+        )
+    return llama_server
+
+
+def _merged_gguf_engine(config: LoopConfig, workspace: Workspace, refs: list[str], server: Path | None) -> Engine:
+    """One merged GGUF export (`tuneloop export --format gguf`), served under the name clients give it."""
+    from tuneloop.serve.engines.llamacpp import LlamaCppEngine
+
+    if len(refs) != 1:
+        raise TuneloopError("a merged GGUF is served alone: pass one --model FILE.gguf")
+    path = Path(refs[0]).expanduser()
+    if not path.is_file():
+        raise TuneloopError(f"no GGUF file at {path}")
+    return LlamaCppEngine(
+        refs[0],
+        path,
+        {},
+        _llama_server_or_error(server),
+        parallel=config.serve.llamacpp_parallel,
+        threads=config.serve.llamacpp_threads,
+        log_file=workspace.root / "serve" / "llamacpp.log",
     )
 
 

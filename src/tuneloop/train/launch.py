@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from tuneloop.config_file import load_config
 from tuneloop.data.prepare import prepare_dataset
 from tuneloop.errors import TuneloopError
 from tuneloop.models import materialize, resolve_base
+from tuneloop.net import free_port
 from tuneloop.train.recipe import TrainResult, load_result
 from tuneloop.train.runs import find_resumable, new_run_id, run_key
 from tuneloop.workspace import Workspace
@@ -52,7 +52,7 @@ def launch_distributed(
         # --multi_gpu selects DDP; without GPUs Accelerate runs it over gloo on the CPU (`--cpu` would start one
         # process only, measured in shared/FACTS.md).
         command += ["--multi_gpu", "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no"]
-    command += ["--num_processes", str(nproc), "--main_process_port", str(_free_port())]
+    command += ["--num_processes", str(nproc), "--main_process_port", str(free_port())]
     command += [
         "-m",
         "tuneloop.cli",
@@ -88,9 +88,3 @@ def _stderr_fileno() -> int | None:
         return sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # a captured stream (tests): let the workers inherit
         return None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -45,6 +45,7 @@ class RemoteEngine(Engine):
         failure_threshold: int = 3,
         cooldown: float = 10.0,
         timeout: float = 600.0,
+        request_overrides: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         if not urls:
             raise TuneloopError("serve.engine=remote needs serve.remote_urls", hint="e.g. [http://127.0.0.1:8001/v1]")
@@ -55,6 +56,8 @@ class RemoteEngine(Engine):
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
         self.timeout = timeout
+        # Per served model name, fields merged into its requests (llama-server selects a LoRA by `lora`, not `model`).
+        self.request_overrides = request_overrides or {}
         self._models: list[ServedModel] = []
         self._client: Any = None
 
@@ -157,6 +160,7 @@ class RemoteEngine(Engine):
         if request.stop:
             body["stop"] = request.stop
         body["messages" if chat else "prompt"] = request.messages if chat else request.prompt
+        body.update(self.request_overrides.get(request.model, {}))
         path = "chat/completions" if chat else "completions"
         finish, usage = None, {"prompt_tokens": 0, "completion_tokens": 0}
         try:

@@ -10,38 +10,22 @@ where the `vllm` console script fails on package metadata.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-from tuneloop.errors import TuneloopError
-from tuneloop.serve.engines.base import (
-    Engine,
-    GenerationChunk,
-    GenerationRequest,
-    ServedModel,
-    base_with_adapters,
-)
-from tuneloop.serve.engines.remote import RemoteEngine
+from tuneloop.serve.engines.base import ServedModel, base_with_adapters
+from tuneloop.serve.engines.local_server import LocalServerEngine
 
 
 def default_vllm_python() -> Path:
     return Path(os.environ.get("TUNELOOP_VLLM_PYTHON", ".venv-vllm/bin/python"))
 
 
-def vllm_available(python: Path | None = None) -> bool:
-    return (python or default_vllm_python()).exists()
-
-
-class VllmEngine(Engine):
+class VllmEngine(LocalServerEngine):
     name = "vllm"
+    install_hint = "run `make vllm` (creates .venv-vllm), or set serve.vllm_python"
 
     def __init__(
         self,
@@ -54,26 +38,19 @@ class VllmEngine(Engine):
         start_timeout: float = 600.0,
         log_file: Path | None = None,
     ) -> None:
+        super().__init__(python or default_vllm_python(), start_timeout, log_file)
         self.base_name = base_name
         self.base_folder = base_folder
         self.adapters = adapters
-        self.python = python or default_vllm_python()
         self.kv_cache_gib = kv_cache_gib
         self.max_model_len = max_model_len
-        self.start_timeout = start_timeout
-        self.log_file = log_file
-        self.process: subprocess.Popen[bytes] | None = None
-        self.remote: RemoteEngine | None = None
 
     def models(self) -> list[ServedModel]:
         return base_with_adapters(self.base_name, self.adapters)
 
-    def stats(self) -> dict[str, Any]:
-        return {"pid": self.process.pid if self.process else None, **(self.remote.stats() if self.remote else {})}
-
     def command(self, port: int) -> list[str]:
         command = [
-            str(self.python),
+            str(self.executable),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
@@ -100,13 +77,7 @@ class VllmEngine(Engine):
             ]
         return command
 
-    async def start(self) -> None:
-        if not self.python.exists():
-            raise TuneloopError(
-                f"vLLM's python not found at {self.python}",
-                hint="run `make vllm` (creates .venv-vllm), or set serve.vllm_python",
-            )
-        port = _free_port()
+    def environment(self) -> dict[str, str]:
         environment = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
@@ -117,50 +88,4 @@ class VllmEngine(Engine):
         }
         if shutil.which("nvidia-smi") is None:
             environment.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        if self.log_file is not None:
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = (self.log_file or Path(os.devnull)).open("ab")
-        self.process = subprocess.Popen(self.command(port), env=environment, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + self.start_timeout
-        import httpx
-
-        async with httpx.AsyncClient() as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise TuneloopError(
-                        f"vLLM exited with status {self.process.returncode} while starting",
-                        hint=f"see its log: {self.log_file}" if self.log_file else None,
-                    )
-                try:
-                    if (await client.get(f"{url}/health", timeout=2)).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(1)
-            else:
-                await self.stop()
-                raise TuneloopError(f"vLLM did not become healthy in {self.start_timeout:.0f} s")
-        self.remote = RemoteEngine([url])
-        await self.remote.start()
-
-    async def stop(self) -> None:
-        if self.remote is not None:
-            await self.remote.stop()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                await asyncio.to_thread(self.process.wait, 30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        if self.remote is None:
-            raise TuneloopError("the vLLM engine is not started")
-        return self.remote.generate(request)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        return environment

@@ -1,0 +1,42 @@
+"""The `tuneloop` command line. Thin by design: parse arguments, call one stage function, print a table or --json.
+One module per stage registers its commands on the apps declared here."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    help="tuneloop: data -> training -> evaluation -> registry -> serving, in one tool.", no_args_is_help=True
+)
+config_app = typer.Typer(help="Validate and document the config file.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
+bench_app = typer.Typer(help="Load tests and benchmarks.", no_args_is_help=True)
+registry_app = typer.Typer(help="Model registry: versions, aliases, lineage, model cards.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+app.add_typer(registry_app, name="registry")
+
+# Registering the commands (imported for their decorators).
+from tuneloop.cli import (  # noqa: E402
+    config_commands,
+    data_commands,
+    eval_commands,
+    registry_commands,
+    serve_commands,
+    train_commands,
+)
+
+__all__ = [
+    "app",
+    "config_commands",
+    "data_commands",
+    "eval_commands",
+    "registry_commands",
+    "serve_commands",
+    "train_commands",
+]
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()

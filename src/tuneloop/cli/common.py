@@ -1,0 +1,77 @@
+"""What every command shares: option types, error display (exit 2, JSON with --json), JSON output, consoles."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from tuneloop.errors import TuneloopError
+
+ConfigOptionalOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="The loop's YAML config (for the project and tracking URI).")
+]
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The loop's YAML config file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: --set data.seed=7 (repeatable; list items by index)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace", help="Workspace folder (default: $TUNELOOP_HOME, else ./.tuneloop).", show_default=False
+    ),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def handles_errors(function: F) -> F:
+    """Show TuneloopError as a clear message (exit 2), as JSON when --json was asked for."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except TuneloopError as error:
+            if kwargs.get("as_json"):
+                print(json.dumps({"error": error.message, "hint": error.hint, "type": type(error).__name__}))
+            else:
+                stderr.print(f"[bold red]error:[/] {error.message}", highlight=False)
+                if error.hint:
+                    stderr.print(f"[yellow]hint:[/] {error.hint}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def fmt(value: float | None) -> str:
+    """A metric for a table: 4 decimals, or "-" when missing."""
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,112 @@
+"""`tuneloop eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tuneloop.cli import app
+from tuneloop.cli.common import (
+    ConfigOption,
+    JsonOption,
+    SetOption,
+    WorkspaceOption,
+    emit_json,
+    fmt,
+    handles_errors,
+    quiet_libraries,
+    stderr,
+    stdout,
+)
+
+
+@app.command("eval")
+@handles_errors
+def evaluate(
+    config_file: ConfigOption,
+    model: Annotated[str | None, typer.Option("--model", help="A run id, `base`, or a model/adapter folder.")] = None,
+    compare: Annotated[str, typer.Option("--compare", help="Compare with this model (`none` to skip).")] = "base",
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Evaluate on this file instead of the validation split.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="At most this many rows.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a gate fails.")] = False,
+    harness: Annotated[str | None, typer.Option("--harness", help="lm-eval tasks, comma-separated.")] = None,
+    harness_include: Annotated[
+        Path | None, typer.Option("--harness-include", help="Folder of local lm-eval task YAML.")
+    ] = None,
+    pairwise: Annotated[
+        bool, typer.Option("--pairwise", help="Write a blind A/B sheet of the two models' answers.")
+    ] = False,
+    import_ratings: Annotated[
+        Path | None, typer.Option("--import-ratings", help="Ratings for a pairwise sheet: CSV/JSONL.")
+    ] = None,
+    overrides: SetOption = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate a model against its base (or another model): perplexity, BLEU/ROUGE, exact match, accuracy,
+    safety, generation stats, latency; gates; report.md/report.html; results logged to the run's MLflow run."""
+    quiet_libraries()
+    if import_ratings is not None:
+        from tuneloop.evaluate.pairwise import import_ratings as read_ratings
+
+        outcome = read_ratings(import_ratings)
+        if as_json:
+            emit_json(outcome)
+        else:
+            low, high = outcome["ci95"]
+            stdout.print(
+                f"{outcome['model']} preferred in {outcome['preference_rate']:.1%} of {outcome['rated']} "
+                f"rated pairs (95% CI {low:.1%}-{high:.1%}; {outcome['wins']} wins, {outcome['ties']} ties, "
+                f"{outcome['losses']} losses)"
+            )
+        return
+    from tuneloop.config_file import load_config
+    from tuneloop.evaluate.run import run_evaluation
+    from tuneloop.workspace import Workspace
+
+    config = load_config(config_file, overrides)
+    summary = run_evaluation(
+        config,
+        Workspace.from_env(workspace),
+        model,
+        None if compare == "none" else compare,
+        data_file=data,
+        limit=limit,
+        pairwise=pairwise,
+        harness_tasks=[task.strip() for task in harness.split(",")] if harness else None,
+        harness_include=harness_include,
+        console=stderr,
+    )
+    if as_json:
+        emit_json({key: value for key, value in summary.items() if key != "details"})
+    else:
+        _print_eval_summary(summary)
+    if strict and not summary["passed"]:
+        raise typer.Exit(1)
+
+
+def _print_eval_summary(summary: dict[str, Any]) -> None:
+    labels = list(summary["models"])
+    table = Table(title=f"evaluation on {summary['rows']} rows")
+    table.add_column("metric")
+    for label in labels:
+        table.add_column(f"{label}", justify="right")
+    if len(labels) > 1:
+        table.add_column("delta", justify="right")
+    names = sorted({name for values in summary["metrics"].values() for name in values})
+    for name in names:
+        values = [summary["metrics"][label].get(name) for label in labels]
+        cells = [fmt(value) for value in values]
+        if len(labels) > 1:
+            cells.append("-" if None in values[:2] else f"{values[0] - values[1]:+.4f}")
+        table.add_row(name, *cells)
+    stdout.print(table)
+    for gate, result in summary["gate_details"].items():
+        colour = "green" if result["result"] == "pass" else "red"
+        stdout.print(f"gate {gate} ({result['rule']}): {result['value']:.4f} [{colour}]{result['result']}[/]")
+    stdout.print(f"report: {summary['report']}")

@@ -1,0 +1,130 @@
+"""`tuneloop train` (single run, resume, sweeps, multi-process)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tuneloop.cli import app
+from tuneloop.cli.common import (
+    ConfigOption,
+    JsonOption,
+    SetOption,
+    WorkspaceOption,
+    emit_json,
+    fmt,
+    handles_errors,
+    quiet_libraries,
+    stderr,
+    stdout,
+)
+from tuneloop.errors import TuneloopError
+
+
+@app.command("train")
+@handles_errors
+def train(
+    config_file: ConfigOption,
+    overrides: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the newest unfinished run of this config.")
+    ] = False,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Use (or resume) this run id.")] = None,
+    sweep: Annotated[int, typer.Option("--sweep", help="Run N Optuna trials over train.sweep.space.")] = 0,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes for data-parallel training (Accelerate).")] = 1,
+    accelerate_config: Annotated[
+        Path | None, typer.Option("--accelerate-config", help="An Accelerate config (FSDP, DeepSpeed) for --nproc.")
+    ] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fine-tune the base model (LoRA, QLoRA or full) on the prepared data; prepares the data first if needed."""
+    quiet_libraries()
+    from tuneloop.config_file import load_config
+    from tuneloop.workspace import Workspace
+
+    config = load_config(config_file, overrides)
+    space = Workspace.from_env(workspace)
+    if sweep:
+        from tuneloop.train.sweep import run_sweep
+
+        outcome = run_sweep(config, space, sweep, console=stderr)
+        if as_json:
+            emit_json(outcome)
+        else:
+            _print_sweep(outcome)
+        return
+    if nproc > 1:
+        from tuneloop.train.launch import launch_distributed
+
+        result = launch_distributed(
+            config_file, overrides or [], space, nproc, resume, run_id, accelerate_config, stderr
+        )
+    else:
+        from tuneloop.train.recipe import describe_failure, train_model
+
+        try:
+            result = train_model(config, space, resume=resume, run_id=run_id, console=stderr)
+        except (TuneloopError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # a crash mid-run: the checkpoints stay, say how to resume
+            raise describe_failure(error) from error
+    if os.environ.get("TUNELOOP_WORKER") == "1":
+        return  # a --nproc worker: the launching process prints the summary
+    summary = result.summary()
+    if config.registry.name:
+        from tuneloop.registry.store import Registry
+        from tuneloop.registry.versions import register_run
+
+        info = register_run(Registry(config, space), result.run_id, config.registry.name)
+        summary["registry"] = {"name": info.name, "version": info.version, "aliases": info.aliases}
+    if as_json:
+        emit_json(summary)
+        return
+    _print_train_summary(summary)
+
+
+def _print_train_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"run {summary['run_id']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("method", summary["method"] + (f" ({summary['quantization']})" if summary["quantization"] else "")),
+        ("precision", summary["precision"]),
+        ("steps", str(summary["steps"])),
+        ("tokens", f"{summary['tokens']:,}"),
+        ("tokens/s", f"{summary['tokens_per_second']:,.1f}"),
+        ("train loss (last)", fmt(summary["train_loss"])),
+        ("eval loss", fmt(summary["eval_loss"])),
+        ("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB (estimated {summary['memory_estimate_mb']:,} MiB)"),
+        ("base weights in memory", f"{summary['model_memory_mb']:,.0f} MiB"),
+        ("wall time", f"{summary['wall_seconds']:,.1f} s"),
+        ("adapter" if summary["adapter_path"] else "model", summary["adapter_path"] or summary["model_path"]),
+        ("mlflow run", summary["mlflow_run_id"] or "-"),
+    ]
+    if summary.get("registry"):
+        rows.append(("registered as", f"{summary['registry']['name']}/{summary['registry']['version']}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    stdout.print(table)
+
+
+def _print_sweep(outcome: dict[str, Any]) -> None:
+    table = Table(title=f"sweep {outcome['study']} ({len(outcome['trials'])} trials)")
+    for column in ("trial", "state", "eval_loss", "params", "run"):
+        table.add_column(column)
+    for trial in outcome["trials"]:
+        marker = " [bold green](best)[/]" if trial["number"] == outcome["best_trial"] else ""
+        table.add_row(
+            str(trial["number"]) + marker,
+            trial["state"],
+            fmt(trial["value"]),
+            json.dumps(trial["params"]),
+            trial.get("run_id") or "-",
+        )
+    stdout.print(table)

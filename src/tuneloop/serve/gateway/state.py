@@ -1,0 +1,36 @@
+"""What the gateway's routers share: the engine, routing, stores, metrics and the completion logic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from tuneloop.serve.engines.base import Engine
+from tuneloop.serve.gateway.batches import BatchStore
+from tuneloop.serve.gateway.errors import GatewayError
+from tuneloop.serve.gateway.feedback import FeedbackStore
+from tuneloop.serve.gateway.metrics import GatewayMetrics
+from tuneloop.serve.gateway.routing import Router
+from tuneloop.serve.gateway.serving import CompletionServing
+
+
+@dataclass
+class GatewayState:
+    engine: Engine
+    router: Router
+    feedback: FeedbackStore
+    metrics: GatewayMetrics
+    serving: CompletionServing
+    batch_store: BatchStore | None = None
+    ready: bool = False
+
+    def batches(self) -> BatchStore:
+        if self.batch_store is None:
+            raise GatewayError(404, "the Files and Batches API is not enabled on this gateway")
+        return self.batch_store
+
+
+def gateway(request: Request) -> GatewayState:
+    """FastAPI dependency: the state of the gateway serving this request."""
+    return request.app.state.gateway
