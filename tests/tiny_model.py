@@ -81,16 +81,23 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 
 
 def save_random_lora(
-    base_folder: Path, out: Path, r: int = 8, target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    base_folder: Path,
+    out: Path,
+    r: int = 8,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    alpha: int | None = None,
+    seed: int = 0,
 ) -> Path:
     """A LoRA adapter with random (non-zero) weights on `base_folder`, saved with the base's tokenizer: an adapter
     that changes outputs, without training one."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.manual_seed(seed)  # the same adapter every run: tests may rely on how it changes answers
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_folder),
-        LoraConfig(r=r, target_modules=list(target_modules), init_lora_weights=False),
+        LoraConfig(r=r, lora_alpha=alpha or r, target_modules=list(target_modules), init_lora_weights=False),
     )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_folder).save_pretrained(out)

@@ -390,7 +390,7 @@ class ServeConfig(_Section):
         "q8_0", description="`engine: llamacpp`: GGUF type the base model is converted to (q8_0: fastest on CPU)."
     )
     llamacpp_parallel: int = Field(
-        8, ge=1, description="`engine: llamacpp`: server slots, i.e. requests decoded together in one batch."
+        16, ge=1, description="`engine: llamacpp`: server slots, i.e. requests decoded together in one batch."
     )
     llamacpp_threads: int | None = Field(
         None, ge=1, description="`engine: llamacpp`: CPU threads (default: all cores)."
@@ -399,7 +399,9 @@ class ServeConfig(_Section):
         default_factory=dict, description="A/B splits by the model name clients use (see RouteConfig)."
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="In-process engine weights dtype (`fp32` for bit-exact parity checks)."
+        "auto",
+        description="Weights dtype of the in-process and vLLM engines (`fp32` for parity checks; vLLM's `auto` "
+        "runs fp32 checkpoints in bf16 on CPU).",
     )
 
 

@@ -20,9 +20,11 @@ app.add_typer(registry_app, name="registry")
 # Registering the commands (imported for their decorators).
 from tuneloop.cli import (  # noqa: E402
     config_commands,
+    cost_commands,
     data_commands,
     eval_commands,
     registry_commands,
+    run_commands,
     serve_commands,
     train_commands,
 )
@@ -30,9 +32,11 @@ from tuneloop.cli import (  # noqa: E402
 __all__ = [
     "app",
     "config_commands",
+    "cost_commands",
     "data_commands",
     "eval_commands",
     "registry_commands",
+    "run_commands",
     "serve_commands",
     "train_commands",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -72,6 +72,8 @@ def serve(
         feedback_store=FeedbackStore(space.root / "serve" / "feedback.jsonl"),
         rate_limit_per_minute=settings.rate_limit_per_minute,
         batch_store=BatchStore(space.root / "serve"),
+        workspace=space,
+        registry=_registry_opener(config, space),
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [model.name for model in engine_instance.models()]
@@ -83,6 +85,20 @@ def serve(
     from tuneloop.serve.launch import run_until_signalled
 
     run_until_signalled(application, host or settings.host, port or settings.port)
+
+
+def _registry_opener(config: Any, space: Any) -> Any:
+    """Opens the model registry once, on first use (the dashboard, the eval gauges on /metrics)."""
+    opened: list[Any] = []
+
+    def open_registry() -> Any:
+        if not opened:
+            from tuneloop.registry.store import Registry
+
+            opened.append(Registry(config, space))
+        return opened[0]
+
+    return open_registry
 
 
 @bench_app.command("serve")

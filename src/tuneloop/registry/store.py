@@ -121,7 +121,14 @@ class Registry:
 
     def versions(self, name: str) -> list[VersionInfo]:
         found = self.client.search_model_versions(f"name='{validate_name(name)}'")
-        return sorted((self._info(version) for version in found), key=lambda info: info.version)
+        infos = sorted((self._info(version) for version in found), key=lambda info: info.version)
+        # Search results carry no aliases (MLflow fills them on get_model_version only): take them from the model.
+        aliases: dict[int, list[str]] = {}
+        for alias, version in (self.client.get_registered_model(name).aliases or {}).items():
+            aliases.setdefault(int(version), []).append(alias)
+        for info in infos:
+            info.aliases = sorted(aliases.get(info.version, []))
+        return infos
 
     def get(self, reference: str) -> VersionInfo:
         """`NAME@alias`, `NAME/3`, or `NAME` (its champion, else its newest version)."""

@@ -11,6 +11,7 @@ import asyncio
 import json
 import statistics
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ async def _one(client: Any, url: str, model: str, prompt: str, max_tokens: int, 
     }
     started = last = time.perf_counter()
     try:
-        async with client.stream("POST", f"{url}/chat/completions", json=body, headers=headers) as response:
+        async with _stream_with_reconnect(client, f"{url}/chat/completions", body, headers) as response:
             if response.status_code != 200:
                 sample.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return sample
@@ -67,6 +68,22 @@ async def _one(client: Any, url: str, model: str, prompt: str, max_tokens: int, 
         sample.error = f"{type(error).__name__}: {error}"
     sample.e2e = time.perf_counter() - started
     return sample
+
+
+@asynccontextmanager
+async def _stream_with_reconnect(client: Any, url: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
+    """POST and stream; once more on a fresh connection if the server had closed the pooled keep-alive connection
+    before answering (llama-server closes a connection after 100 requests): what HTTP clients do for stale sockets."""
+    import httpx
+
+    for attempt in (1, 2):
+        try:
+            async with client.stream("POST", url, json=body, headers=headers) as response:
+                yield response
+                return
+        except httpx.RemoteProtocolError as error:
+            if attempt == 2 or "without sending a response" not in str(error):
+                raise
 
 
 async def _run(

@@ -28,6 +28,7 @@ from tuneloop.train.runs import RunRecord, find_resumable, last_checkpoint, new_
 from tuneloop.workspace import Workspace
 
 SUMMARY = "summary.json"
+HISTORY = "history.json"
 
 
 @dataclass
@@ -201,6 +202,8 @@ def train_model(
     if is_main_process():
         (run_dir / SUMMARY).write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
         (run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2), encoding="utf-8")
+        # Loss curves for the dashboard, without opening MLflow.
+        (run_dir / HISTORY).write_text(json.dumps(trainer.state.log_history), encoding="utf-8")
         record.status = "finished"
         record.save(run_dir)
         if tracker:

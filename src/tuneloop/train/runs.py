@@ -63,3 +63,13 @@ def find_resumable(workspace: Workspace, key: str) -> RunRecord | None:
         if record.key == key and record.status != "finished" and last_checkpoint(record_path.parent) is not None:
             candidates.append(record)
     return max(candidates, key=lambda record: record.created_at, default=None)
+
+
+def find_finished(workspace: Workspace, key: str) -> RunRecord | None:
+    """The newest finished run with the same key (its results can be reused as they are)."""
+    candidates = []
+    for record_path in workspace.runs.glob(f"*/{RECORD}"):
+        record = RunRecord.load(record_path.parent)
+        if record.key == key and record.status == "finished" and (record_path.parent / "summary.json").exists():
+            candidates.append(record)
+    return max(candidates, key=lambda record: record.created_at, default=None)

