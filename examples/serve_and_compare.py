@@ -91,7 +91,10 @@ def main() -> None:
             "[green]yes[/]" if answer == expected else "[red]no[/]",
         )
     console.print(table)
-    console.print(f"dashboard while serving: tuneloop serve -c {args.config} --model {champion}, then {url}/dashboard")
+    console.print(
+        f"serve it yourself: tuneloop serve -c {args.config} --model {champion}  "
+        "(then http://127.0.0.1:8000/dashboard, /metrics, /v1/chat/completions)"
+    )
 
 
 def _validation_example(workspace: Workspace) -> tuple[str, str]:

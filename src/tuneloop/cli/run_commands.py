@@ -53,7 +53,7 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     overview.add_row(
         "dataset",
         f"{summary['dataset_id']}: {data['train_rows']} train / {data['val_rows']} val rows, "
-        f"{data['quarantined']} quarantined, {data['filtered']} filtered",
+        f"{data['quarantined']} quarantined, {sum(data['filtered'].values())} filtered",
     )
     overview.add_row(
         "training",
