@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,9 +49,9 @@ def naive_baseline(folder: Path, prompts: list[str], max_tokens: int, requests: 
 
 
 def start_gateway(config: Path, engine: str, workspace: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from tuneloop.net import free_port, wait_until_ready
+
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tuneloop.cli", "serve", "-c", str(config), "--engine", engine, "--port", str(port)],
         env={**os.environ, "TUNELOOP_HOME": str(workspace)},
@@ -60,19 +59,10 @@ def start_gateway(config: Path, engine: str, workspace: Path) -> tuple[subproces
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{engine} gateway exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{engine} gateway not ready")
+    outcome = wait_until_ready(url, process, 600)
+    if outcome != "ready":
+        raise RuntimeError(f"{engine} gateway {outcome} (exit status {process.poll()})")
+    return process, url
 
 
 def overhead(url: str, engine: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:

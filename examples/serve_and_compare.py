@@ -13,16 +13,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 from rich.console import Console
 from rich.table import Table
 
 from tuneloop.config_file import load_config
-from tuneloop.net import free_port
+from tuneloop.net import free_port, wait_until_ready
 from tuneloop.workspace import Workspace
 
 
@@ -57,16 +55,9 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         with console.status(f"starting the gateway with {champion}"):
-            deadline = time.time() + 300
-            while time.time() < deadline:
-                if server.poll() is not None:
-                    sys.exit(f"the gateway exited with {server.returncode}")
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            outcome = wait_until_ready(url, server, 300)
+        if outcome != "ready":
+            sys.exit(f"the gateway {outcome} (exit status {server.poll()})")
         client = OpenAI(base_url=f"{url}/v1", api_key="demo")
         answers = {}
         for label, model in (("base", config.model.base), ("tuned", champion)):

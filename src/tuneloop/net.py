@@ -1,8 +1,10 @@
-"""Small networking helpers shared by the stages that start local servers (training launchers, serving engines)."""
+"""Small networking helpers shared by the stages, examples and tests that start local servers."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 
 
 def free_port() -> int:
@@ -10,3 +12,21 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, seconds: float) -> str:
+    """Poll `url`/ready until a started `tuneloop serve` answers 200: "ready", "exited" (the process died) or
+    "timeout"."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return "exited"
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return "ready"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return "timeout"

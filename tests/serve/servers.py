@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tuneloop.net import free_port, wait_until_ready
 
 
 def start_serve(config: Path, workspace: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
@@ -33,18 +26,12 @@ def start_serve(config: Path, workspace: Path, *extra: str) -> tuple[subprocess.
 
 
 def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 180, log: Path | None = None) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if process.poll() is not None:
-            extra = log.read_text()[-3000:] if log is not None and log.exists() else ""
-            pytest.fail(
-                f"{url} exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}\n{extra}"
-            )
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    pytest.fail(f"{url} not ready in {seconds:.0f} s")
+    outcome = wait_until_ready(url, process, seconds)
+    if outcome == "exited":
+        extra = log.read_text()[-3000:] if log is not None and log.exists() else ""
+        pytest.fail(
+            f"{url} exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}\n{extra}"
+        )
+    if outcome == "timeout":
+        process.kill()
+        pytest.fail(f"{url} not ready in {seconds:.0f} s")
