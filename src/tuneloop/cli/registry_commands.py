@@ -203,7 +203,12 @@ def registry_delete(
 def export(
     reference: Annotated[str, typer.Argument(help="NAME@alias, NAME/VERSION, a run id, or an adapter folder.")],
     fmt: Annotated[str, typer.Option("--format", help="peft | merged | gguf | gguf-lora")] = "merged",
-    quant: Annotated[str, typer.Option("--quant", help="GGUF type: f16 | bf16 | q8_0 | f32")] = "f16",
+    quant: Annotated[
+        str,
+        typer.Option(
+            "--quant", help="GGUF type: f16 | bf16 | q8_0 | f32, or q4_k_m, q5_k_m, q4_0 ... (llama-quantize)"
+        ),
+    ] = "f16",
     out: Annotated[Path | None, typer.Option("--out", help="Output folder.")] = None,
     config_file: ConfigOptionalOption = None,
     workspace: WorkspaceOption = None,

@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from tuneloop.binaries import llama_cpp_tool
 from tuneloop.errors import TuneloopError
 from tuneloop.workspace import Workspace
 
@@ -55,15 +56,29 @@ def export_merged(base_folder: Path, adapter: Path, out: Path, tolerance: float 
 
 
 def export_gguf(merged_folder: Path, out: Path, quant: str, workspace: Workspace) -> dict[str, Any]:
-    if quant not in CONVERTER_QUANTS:
-        raise TuneloopError(
-            f"--quant {quant} needs llama.cpp's llama-quantize binary after conversion",
-            hint=f"use one of {', '.join(sorted(CONVERTER_QUANTS))}, or quantize the f16 file with llama-quantize",
-        )
+    """llama.cpp's converter writes f16/bf16/f32/q8_0 itself; other types (q4_k_m, q5_k_m, q4_0, ...) are made from
+    the f16 file by llama.cpp's `llama-quantize` (built by `make llamacpp`)."""
     tools = converter_dir(workspace)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"model-{quant}.gguf"
-    _run_converter(tools, "convert_hf_to_gguf.py", [str(merged_folder), "--outfile", str(target), "--outtype", quant])
+    if quant in CONVERTER_QUANTS:
+        _run_converter(
+            tools, "convert_hf_to_gguf.py", [str(merged_folder), "--outfile", str(target), "--outtype", quant]
+        )
+        return {"format": "gguf", "path": str(target), **read_back(target)}
+    quantize = llama_cpp_tool("llama-quantize", "TUNELOOP_LLAMA_QUANTIZE")
+    if quantize is None:
+        raise TuneloopError(
+            f"--quant {quant} needs llama.cpp's llama-quantize binary after conversion",
+            hint=f"run `make llamacpp` (builds .llamacpp/bin/llama-quantize), or use one of "
+            f"{', '.join(sorted(CONVERTER_QUANTS))}",
+        )
+    f16 = out / "model-f16.gguf"
+    _run_converter(tools, "convert_hf_to_gguf.py", [str(merged_folder), "--outfile", str(f16), "--outtype", "f16"])
+    result = subprocess.run([str(quantize), str(f16), str(target), quant.upper()], capture_output=True, text=True)
+    f16.unlink(missing_ok=True)
+    if result.returncode != 0:
+        raise TuneloopError(f"llama-quantize failed for {quant}: {(result.stdout + result.stderr).strip()[-400:]}")
     return {"format": "gguf", "path": str(target), **read_back(target)}
 
 

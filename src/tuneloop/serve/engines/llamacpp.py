@@ -15,10 +15,10 @@ scale 1 for the adapter it names and 0 for the others, which is how llama-server
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from tuneloop.binaries import llama_cpp_tool
 from tuneloop.serve.engines.base import ServedModel, base_with_adapters
 from tuneloop.serve.engines.local_server import LocalServerEngine
 from tuneloop.workspace import Workspace, fingerprint, tree_sha256
@@ -26,14 +26,7 @@ from tuneloop.workspace import Workspace, fingerprint, tree_sha256
 
 def default_llama_server() -> Path | None:
     """$TUNELOOP_LLAMA_SERVER, else the `make llamacpp` build, else `llama-server` on PATH, else None."""
-    configured = os.environ.get("TUNELOOP_LLAMA_SERVER")
-    if configured:
-        return Path(configured)
-    built = Path(".llamacpp/bin/llama-server")
-    if built.exists():
-        return built.resolve()
-    found = shutil.which("llama-server")
-    return Path(found) if found else None
+    return llama_cpp_tool("llama-server", "TUNELOOP_LLAMA_SERVER")
 
 
 def gguf_for_base(base_folder: Path, workspace: Workspace, quant: str) -> Path:
