@@ -35,6 +35,8 @@ def main() -> None:
     question, expected = _validation_example(Workspace.from_env(None))
 
     port = free_port()
+    log_path = Workspace.from_env(None).root / "serve" / "demo-gateway.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen(
         [
             sys.executable,
@@ -51,13 +53,15 @@ def main() -> None:
             str(port),
         ],
         env=os.environ.copy(),
+        stdout=log_path.open("ab"),  # the gateway's request log, kept out of the comparison
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         with console.status(f"starting the gateway with {champion}"):
             outcome = wait_until_ready(url, server, 300)
         if outcome != "ready":
-            sys.exit(f"the gateway {outcome} (exit status {server.poll()})")
+            sys.exit(f"the gateway {outcome} (exit status {server.poll()}); see {log_path}")
         client = OpenAI(base_url=f"{url}/v1", api_key="demo")
         answers = {}
         for label, model in (("base", config.model.base), ("tuned", champion)):

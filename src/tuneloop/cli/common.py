@@ -39,8 +39,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def quiet_libraries() -> None:
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes warns on import that its optional `kernels` package is missing; its CPU path works without it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
