@@ -104,7 +104,8 @@ def _print_costs(result: dict[str, Any]) -> None:
     measured = result["measured"]
     table = Table(title="cost per price-table entry")
     for column in ("compute", "$/hour", "serving tok/s", "basis", "$ / 1M tokens", "$ / training run"):
-        table.add_column(column, justify="left" if column in ("compute", "basis") else "right")
+        text = column in ("compute", "basis")
+        table.add_column(column, justify="left" if text else "right", no_wrap=column == "compute")
     for row in result["compute"]:
         table.add_row(
             row["name"],

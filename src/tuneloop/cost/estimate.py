@@ -102,7 +102,7 @@ def _throughput(declared: Any, measured: float | None) -> float | None:
 
 def _basis(declared: Any, value: float | None) -> str:
     if value is None:
-        return "not measured on this hardware"
+        return "unmeasured"  # no throughput for that hardware: measure it there
     return "measured here" if declared == "measured" else "price table"
 
 

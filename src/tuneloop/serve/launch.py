@@ -84,8 +84,8 @@ def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str]
 
 
 def choose_engine(vllm_python: Path, llama_server: Path | None, model_refs: list[str]) -> str:
-    """`auto`: the fastest engine installed. On a CPU llama.cpp first: measured here (docs/benchmarks.md) it gives 2.9x
-    vLLM's tokens/s to one user, as much at 8 users with lower TTFT, and ~80% of vLLM's at 32 users; it also has no
+    """`auto`: the fastest engine installed. On a CPU llama.cpp first: measured here (docs/benchmarks.md) it gives 2.6x
+    vLLM's tokens/s to one user, more at 8 users with lower TTFT, and ~84% of vLLM's at 32 users; it also has no
     mixed-LoRA-batch bug to work around. On a GPU machine vLLM comes first. A GGUF file needs llama.cpp."""
     from tuneloop.train.device import has_cuda
 
