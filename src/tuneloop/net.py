@@ -30,3 +30,11 @@ def wait_until_ready(url: str, process: subprocess.Popen, seconds: float) -> str
             pass
         time.sleep(0.3)
     return "timeout"
+
+
+def closed_before_response(error: BaseException) -> bool:
+    """httpx's error for a pooled keep-alive connection the server had closed before answering (llama-server closes
+    one after 100 requests or 5 s idle): nothing was processed, so the same request may be sent again."""
+    import httpx
+
+    return isinstance(error, httpx.RemoteProtocolError) and "without sending a response" in str(error)

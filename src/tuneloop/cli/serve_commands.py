@@ -89,14 +89,13 @@ def serve(
 
 def _registry_opener(config: Any, space: Any) -> Any:
     """Opens the model registry once, on first use (the dashboard, the eval gauges on /metrics)."""
-    opened: list[Any] = []
+    import functools
 
+    @functools.cache
     def open_registry() -> Any:
-        if not opened:
-            from tuneloop.registry.store import Registry
+        from tuneloop.registry.store import Registry  # MLflow is imported only when needed
 
-            opened.append(Registry(config, space))
-        return opened[0]
+        return Registry(config, space)
 
     return open_registry
 

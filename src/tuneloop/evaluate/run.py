@@ -10,11 +10,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from rich.console import Console
 
-from tuneloop.config import LoopConfig
+from tuneloop.config import EvalMetric, LoopConfig
 from tuneloop.config_file import validate_config
 from tuneloop.data.prepare import PreparedDataset, prepare_dataset
 from tuneloop.errors import TuneloopError
@@ -25,16 +25,8 @@ from tuneloop.evaluate.generate import generate, latency, load_for_eval, perplex
 from tuneloop.evaluate.refs import ModelSpec, latest_finished_run, resolve_model_ref
 from tuneloop.workspace import Workspace
 
-GENERATION_GROUPS = {
-    "bleu",
-    "rouge",
-    "rouge_l",
-    "exact_match",
-    "accuracy",
-    "safety",
-    "toxicity_rate",
-    "generation_stats",
-}
+# Every metric group but these two needs the models' generated answers.
+GENERATION_GROUPS = set(get_args(EvalMetric)) - {"perplexity", "latency"}
 
 
 @dataclass

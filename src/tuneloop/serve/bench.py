@@ -76,13 +76,15 @@ async def _stream_with_reconnect(client: Any, url: str, body: dict[str, Any], he
     before answering (llama-server closes a connection after 100 requests): what HTTP clients do for stale sockets."""
     import httpx
 
+    from tuneloop.net import closed_before_response
+
     for attempt in (1, 2):
         try:
             async with client.stream("POST", url, json=body, headers=headers) as response:
                 yield response
                 return
         except httpx.RemoteProtocolError as error:
-            if attempt == 2 or "without sending a response" not in str(error):
+            if attempt == 2 or not closed_before_response(error):
                 raise
 
 

@@ -49,10 +49,10 @@ class LocalServerEngine(Engine):
         port = free_port()
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = (self.log_file or Path(os.devnull)).open("ab")
-        self.process = subprocess.Popen(
-            self.command(port), env=self.environment(), stdout=log, stderr=subprocess.STDOUT
-        )
+        with (self.log_file or Path(os.devnull)).open("ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                self.command(port), env=self.environment(), stdout=log, stderr=subprocess.STDOUT
+            )
         url = f"http://127.0.0.1:{port}"
         import httpx
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneloop.errors import TuneloopError
+from tuneloop.net import closed_before_response
 from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, ServedModel
 
 
@@ -193,7 +194,7 @@ class RemoteEngine(Engine):
                             yield GenerationChunk(text)
                         finish = choice.get("finish_reason") or finish
         except httpx.RemoteProtocolError as error:
-            if "without sending a response" in str(error):
+            if closed_before_response(error):
                 raise StaleConnection(f"{replica.url}: {error}") from error
             raise ReplicaFailed(f"{replica.url}: {type(error).__name__}") from error
         except (

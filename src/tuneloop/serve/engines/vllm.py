@@ -89,15 +89,16 @@ class VllmEngine(LocalServerEngine):
             self.dtype,
         ]
         if self.adapters:
+            modules = self.lora_modules()
             ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in self.adapters.values()]
             command += [
                 "--enable-lora",
                 "--max-lora-rank",
                 str(max(max(ranks), 8)),
                 "--max-loras",
-                str(len(self.lora_modules())),
+                str(len(modules)),
                 "--lora-modules",
-                *[f"{name}={path}" for name, path in self.lora_modules().items()],
+                *[f"{name}={path}" for name, path in modules.items()],
             ]
         return command
 

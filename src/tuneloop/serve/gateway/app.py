@@ -46,9 +46,14 @@ def create_app(
     serving = CompletionServing(engine, router, feedback_store, metrics, max_tokens_limit, context_limit)
     state = GatewayState(engine, router, feedback_store, metrics, serving, batch_store, workspace, registry)
     if workspace is not None:
+        from prometheus_client import CollectorRegistry
+
         from tuneloop.monitor.exporter import TrainingCollector
 
-        metrics.registry.register(TrainingCollector(workspace, registry))
+        # A registry of its own: its collector reads the workspace, which /metrics scrapes want and the
+        # dashboard's serving statistics (read from metrics.registry) do not.
+        state.training_metrics = CollectorRegistry(auto_describe=False)
+        state.training_metrics.register(TrainingCollector(workspace, registry))
     limiter = RateLimiter(rate_limit_per_minute)
 
     @asynccontextmanager

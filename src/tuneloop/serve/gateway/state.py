@@ -29,6 +29,7 @@ class GatewayState:
     batch_store: BatchStore | None = None
     workspace: Workspace | None = None  # runs for the dashboard
     registry: Callable[[], Any] | None = None  # opens the model registry (dashboard, eval gauges)
+    training_metrics: Any = None  # a prometheus CollectorRegistry with the workspace's training/eval gauges
     ready: bool = False
     started_at: float = field(default_factory=time.time)
 

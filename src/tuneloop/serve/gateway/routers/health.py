@@ -26,4 +26,7 @@ async def ready(state: State) -> JSONResponse:
 
 @router.get("/metrics")
 async def prometheus(state: State) -> PlainTextResponse:
-    return PlainTextResponse(generate_latest(state.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+    text = generate_latest(state.metrics.registry)
+    if state.training_metrics is not None:
+        text += generate_latest(state.training_metrics)
+    return PlainTextResponse(text.decode(), media_type=CONTENT_TYPE_LATEST)
