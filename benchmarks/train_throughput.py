@@ -102,8 +102,8 @@ def run_baseline(workdir: Path, steps: int, rows: int) -> dict[str, Any]:
         TrainingArguments,
     )
 
+    from tuneloop.device import peak_memory_mb
     from tuneloop.models import materialize, resolve_base
-    from tuneloop.train.device import peak_memory_mb
     from tuneloop.workspace import Workspace
 
     folder = materialize(resolve_base("smollm2-135m-instruct", Workspace(workdir / "ws")))

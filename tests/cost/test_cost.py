@@ -11,18 +11,40 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tuneloop.artifacts.training import RunRecord, TrainResult
 from tuneloop.cli import app
+from tuneloop.workspace import Workspace
 
 runner = CliRunner()
 
 
 @pytest.fixture
 def measured_workspace(tmp_path: Path) -> Path:
-    run_dir = tmp_path / "ws" / "runs" / "demo-run"
-    run_dir.mkdir(parents=True)
-    (run_dir / "run.json").write_text(json.dumps({"run_id": "demo-run", "status": "finished", "created_at": "x"}))
-    summary = {"run_id": "demo-run", "tokens": 360_000, "tokens_per_second": 1000.0, "wall_seconds": 400.0}
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    run = Workspace(tmp_path / "ws").run("demo-run")
+    RunRecord(run_id="demo-run", key="k", status="finished", dataset_id="ds-x", created_at="x").save(run.record)
+    TrainResult(
+        run_id="demo-run",
+        run_dir=str(run.root),
+        method="lora",
+        adapter_path=str(run.adapter),
+        model_path=None,
+        base_model="smollm2-135m-instruct",
+        base_weights_sha256="0" * 64,
+        train_loss=1.0,
+        eval_loss=1.0,
+        steps=100,
+        tokens=360_000,
+        tokens_per_second=1000.0,
+        peak_memory_mb=1000.0,
+        wall_seconds=400.0,
+        mlflow_run_id=None,
+        dataset_id="ds-x",
+        precision="fp32",
+        quantization=None,
+        resumed_from=None,
+        memory_estimate_mb=1000.0,
+        model_memory_mb=500.0,
+    ).save(run.summary)
     return tmp_path / "ws"
 
 

@@ -77,7 +77,7 @@ def test_split_is_deterministic_and_seeded(tmp_path: Path, tiny_model_dir: Path,
 
     def val_lines(*overrides: str) -> list[int]:
         prepared = prepare(config, *overrides, force=True)
-        return [json.loads(line)["line"] for line in (prepared.path / "val.jsonl").read_text().splitlines()]
+        return [json.loads(line)["line"] for line in prepared.paths.conversations("val").read_text().splitlines()]
 
     first, again = val_lines(), val_lines()
     assert first == again and len(first) == 5
@@ -102,8 +102,8 @@ def test_packing_writes_position_ids_per_row(tmp_path: Path, tiny_model_dir: Pat
     write_jsonl(tmp_path / "d.jsonl", alpaca_rows(30))
     config = write_config(tmp_path, tiny_model_dir, [{"path": "d.jsonl"}], packing=True, max_seq_len=200)
     prepared = prepare(config)
-    packed = pq.read_table(prepared.path / "train.parquet").to_pylist()
-    assert prepared.manifest["counts"]["train_rows"] == 27
+    packed = pq.read_table(prepared.paths.parquet("train")).to_pylist()
+    assert prepared.manifest.counts.train_rows == 27
     assert len(packed) < 27
     assert sum(len(p["seq_lengths"]) for p in packed) == 27
     for sample in packed:
@@ -113,16 +113,16 @@ def test_packing_writes_position_ids_per_row(tmp_path: Path, tiny_model_dir: Pat
             assert sample["labels"][offset] == IGNORE_INDEX
             offset += length
         assert offset == len(sample["input_ids"]) <= 200
-    assert 0 < prepared.manifest["packing"]["efficiency"] <= 1
+    assert 0 < prepared.manifest.packing.efficiency <= 1
 
 
 def test_truncation_keeps_long_rows(tmp_path: Path, tiny_model_dir: Path, workspace: Path) -> None:
     write_jsonl(tmp_path / "d.jsonl", [{"instruction": "short", "output": "word " * 200}, *alpaca_rows(5)])
     config = write_config(tmp_path, tiny_model_dir, [{"path": "d.jsonl"}], max_seq_len=64)
-    assert prepare(config).manifest["counts"]["filtered"]["too_long"] == 1
+    assert prepare(config).manifest.counts.filtered["too_long"] == 1
     truncated = prepare(config, "data.truncation=true")
-    assert truncated.manifest["counts"]["kept"] == 6
-    assert truncated.manifest["tokens"]["truncated_rows"] == 1 and truncated.manifest["tokens"]["max"] == 64
+    assert truncated.manifest.counts.kept == 6
+    assert truncated.manifest.tokens.truncated_rows == 1 and truncated.manifest.tokens.max == 64
 
 
 def test_multiple_sources_and_mixed_formats(tmp_path: Path, tiny_model_dir: Path, workspace: Path) -> None:

@@ -64,7 +64,7 @@ def test_real_dataset(
     assert summary["val_rows"] == round(kept * 0.1)
     quarantine = [json.loads(line) for line in Path(summary["quarantine"]).read_text().splitlines()]
     assert all(entry["source"] == str(path) and entry["reason"] and entry["detail"] for entry in quarantine)
-    conversation = json.loads((prepared.path / "train.jsonl").read_text().splitlines()[0])
+    conversation = json.loads(prepared.paths.conversations("train").read_text().splitlines()[0])
     if expected_format == "text":
         assert conversation["kind"] == "text"
     else:
@@ -75,5 +75,5 @@ def test_sst2_labels_become_answers(shared_data: Path, tmp_path: Path, tiny_mode
     path = shared_data / "sst2" / "dev.tsv"
     config = write_config(tmp_path, tiny_model_dir, [{"path": str(path), **CASES[-1][1]}])
     prepared = prepare_dataset(load_config(config), Workspace.from_env())
-    answers = {json.loads(line)["messages"][-1]["content"] for line in (prepared.path / "train.jsonl").open()}
+    answers = {json.loads(line)["messages"][-1]["content"] for line in prepared.paths.conversations("train").open()}
     assert answers == {"positive", "negative"}

@@ -10,6 +10,7 @@ from tuneloop.errors import ConfigError
 from tuneloop.evaluate import metrics
 from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.pairwise import import_ratings, wilson_interval, write_sheet
+from tuneloop.workspace import EvalPaths
 
 
 def test_perplexity_equals_exp_mean_nll_computed_independently(tiny_model_dir: Path) -> None:
@@ -90,7 +91,7 @@ def test_gates() -> None:
 
 def test_pairwise_sheet_and_ratings(tmp_path: Path) -> None:
     paths = write_sheet(
-        tmp_path,
+        EvalPaths(tmp_path),
         ["p1", "p2", "p3", "p4"],
         ["t1", "t2", "t3", "t4"],
         ["b1", "b2", "b3", "b4"],

@@ -6,19 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from tuneloop.cli import app
-from tuneloop.pipeline.run import FAIL_AFTER_ENV, STEPS
+from tuneloop.errors import TuneloopError
+from tuneloop.pipeline import run as pipeline
+from tuneloop.pipeline.run import STEPS
 
 runner = CliRunner()
 
 
-def run_loop(config: Path, workspace: Path, env: dict[str, str] | None = None, *extra: str) -> tuple[int, dict]:
-    result = runner.invoke(
-        app, ["run", "-c", str(config), "--workspace", str(workspace), "--json", *extra], env=env or {}
-    )
+def run_loop(config: Path, workspace: Path, *extra: str) -> tuple[int, dict]:
+    result = runner.invoke(app, ["run", "-c", str(config), "--workspace", str(workspace), "--json", *extra])
     return result.exit_code, json.loads(result.stdout) if result.stdout.strip() else {}
 
 
@@ -49,9 +50,17 @@ def test_run_all_steps_then_everything_cached(train_config, tmp_path: Path) -> N
     assert second["metrics"] == first["metrics"]
 
 
-def test_run_resumes_after_a_failure_between_steps_and_keeps_a_failing_model_out(train_config, tmp_path: Path) -> None:
+def test_run_resumes_after_a_failure_between_steps_and_keeps_a_failing_model_out(
+    train_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = loop_config(train_config, gate=1.0)  # perplexity <= 1: fails, so no promotion
-    code, crashed = run_loop(config, tmp_path / "ws", {FAIL_AFTER_ENV: "train"})
+
+    def crash(*args: object, **kwargs: object) -> None:  # a crash right after training, before evaluation
+        raise TuneloopError("injected failure after step train")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "_evaluate", crash)
+        code, crashed = run_loop(config, tmp_path / "ws")
     assert code == 2 and "injected failure after step train" in crashed["error"]
     runs = list((tmp_path / "ws" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "summary.json").exists()

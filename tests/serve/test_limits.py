@@ -7,13 +7,14 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from tuneloop.config import ServeConfig
 from tuneloop.serve.engines.transformers_engine import TransformersEngine
 from tuneloop.serve.gateway.app import create_app
 
 
 def test_rate_limit_per_key_and_batch(tiny_model_dir: Path) -> None:
-    engine = TransformersEngine(str(tiny_model_dir), tiny_model_dir, {})
-    app = create_app(engine, api_keys=["alpha", "beta"], rate_limit_per_minute=3)
+    engine = TransformersEngine(ServeConfig(), str(tiny_model_dir), tiny_model_dir, {}, None)
+    app = create_app(engine, ServeConfig(api_keys=["alpha", "beta"], rate_limit_per_minute=3))
     body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with TestClient(app) as client:
         alpha = {"Authorization": "Bearer alpha"}
@@ -46,8 +47,8 @@ def test_completions_logprobs_and_echo_match_the_model(tiny_model_dir: Path) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    engine = TransformersEngine(str(tiny_model_dir), tiny_model_dir, {})
-    app = create_app(engine)
+    engine = TransformersEngine(ServeConfig(), str(tiny_model_dir), tiny_model_dir, {}, None)
+    app = create_app(engine, ServeConfig())
     prompt = "number 4 is 4"
     with TestClient(app) as client:
         scored = client.post(
@@ -96,7 +97,9 @@ def test_batch_jobs_survive_a_restart(tiny_model_dir: Path, tmp_path: Path) -> N
     finished = {"id": "x", "custom_id": "r0", "response": {"status_code": 200, "body": {}}, "error": None}
     (store.files / f"{job['output_file_id']}.data").write_text(json.dumps(finished) + "\n")
     app = create_app(
-        TransformersEngine(str(tiny_model_dir), tiny_model_dir, {}), batch_store=BatchStore(tmp_path / "serve")
+        TransformersEngine(ServeConfig(), str(tiny_model_dir), tiny_model_dir, {}, None),
+        ServeConfig(),
+        batch_store=BatchStore(tmp_path / "serve"),
     )
     with TestClient(app) as client:
         deadline = time.time() + 60
@@ -108,7 +111,7 @@ def test_batch_jobs_survive_a_restart(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_n_choices(tiny_model_dir: Path) -> None:
-    app = create_app(TransformersEngine(str(tiny_model_dir), tiny_model_dir, {}))
+    app = create_app(TransformersEngine(ServeConfig(), str(tiny_model_dir), tiny_model_dir, {}, None), ServeConfig())
     body = {
         "model": str(tiny_model_dir),
         "messages": [{"role": "user", "content": "hi"}],

@@ -8,10 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.train.hooks import CrashAtStep
 from tuneloop.cli import app
 from tuneloop.config_file import load_config
 from tuneloop.errors import ConfigError, TuneloopError
-from tuneloop.train.callbacks import CrashAtStep
 from tuneloop.train.recipe import train_model
 from tuneloop.workspace import Workspace
 
@@ -164,14 +164,16 @@ def test_qlora_gradients_are_right_after_an_eval_pass(tiny_model_dir: Path) -> N
     and later gradients silently go wrong. tuneloop's loader must give the same gradients as a model never evaluated."""
     from peft import LoraConfig, get_peft_model
 
-    from tuneloop.train.device import Precision
-    from tuneloop.train.recipe import _load_model
+    from tuneloop.device import Precision
+    from tuneloop.models import resolve_base
+    from tuneloop.train.recipe import load_base_for_training
 
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
     def lora_grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = _load_model(str(tiny_model_dir), "qlora", Precision("bf16", "test"), gradient_checkpointing=False)
+        base = resolve_base(str(tiny_model_dir), Workspace(tiny_model_dir))
+        model = load_base_for_training(base, "qlora", Precision("bf16", "test"), gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
         if evaluate_first:
             model.eval()
@@ -211,6 +213,9 @@ def test_sweep_runs_trials_prunes_and_marks_the_best(train_config, workspace: Pa
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     run_id = json.loads((workspace / "runs" / best[0]["run_id"] / "run.json").read_text())["mlflow_run_id"]
     assert client.get_run(run_id).data.tags["tuneloop.sweep_best"] == "true"
+    for trial in outcome["trials"]:  # the sweep labels its pruned trials itself (the recipe only knows "failed")
+        record = json.loads((workspace / "runs" / trial["run_id"] / "run.json").read_text())
+        assert record["status"] == {"complete": "finished", "pruned": "pruned"}[trial["state"]]
 
 
 def test_sweep_without_a_space_or_with_a_bad_key_is_refused(train_config) -> None:

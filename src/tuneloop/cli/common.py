@@ -39,18 +39,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def quiet_libraries() -> None:
+    """Library logs down to errors, through environment variables: importing Transformers here would make every
+    command (even `tuneloop registry list`) pay for it."""
     import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # bitsandbytes warns on import that its optional `kernels` package is missing; its CPU path works without it.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def handles_errors(function: F) -> F:

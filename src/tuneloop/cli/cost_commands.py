@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +18,6 @@ from tuneloop.cli.common import (
     handles_errors,
     stdout,
 )
-from tuneloop.errors import TuneloopError
 
 
 @app.command("cost")
@@ -48,56 +46,24 @@ def cost(
 ) -> None:
     """$ per training run and $ per 1M generated tokens per price-table entry, beside API prices; writes the cost
     section (cost.md) into the run's folder."""
-    from tuneloop.cost.estimate import Measured, cost_markdown, estimate_costs, load_prices
+    from tuneloop.config_file import load_config
+    from tuneloop.cost.report import cost_for_run
     from tuneloop.workspace import Workspace
 
-    space = Workspace.from_env(workspace)
-    measured = Measured()
-    run_dir = _run_dir(run, config_file, overrides, space)
-    if run_dir is not None:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        measured.run_id = summary["run_id"]
-        measured.training_tokens = summary["tokens"]
-        measured.training_tokens_per_second = summary["tokens_per_second"]
-        measured.training_wall_seconds = summary["wall_seconds"]
-    if bench is not None:
-        measured.serving_tokens_per_second = float(json.loads(bench.read_text())["output_tokens_per_second"])
-        measured.serving_source = f"bench {bench}"
-    elif url is not None:
-        from tuneloop.monitor.scrape import generation_rate
-
-        measured.serving_tokens_per_second = generation_rate(url, window)
-        measured.serving_source = f"live {url} over {window:g} s"
-    elif serving_tps is not None:
-        measured.serving_tokens_per_second, measured.serving_source = serving_tps, "--serving-tps"
-    result = estimate_costs(load_prices(prices), measured)
-    if run_dir is not None:
-        (run_dir / "cost.md").write_text(cost_markdown(result), encoding="utf-8")
-        result["report"] = str(run_dir / "cost.md")
+    result = cost_for_run(
+        run,
+        load_config(config_file, overrides),
+        Workspace.from_env(workspace),
+        bench=bench,
+        url=url,
+        window=window,
+        serving_tps=serving_tps,
+        prices=prices,
+    )
     if as_json:
         emit_json(result)
         return
     _print_costs(result)
-
-
-def _run_dir(run: str | None, config_file: Path | None, overrides: list[str] | None, space: Any) -> Path | None:
-    if run is None:
-        from tuneloop.evaluate.refs import latest_finished_run
-
-        run = latest_finished_run(space)
-        if run is None:
-            return None
-    if (space.run_dir(run) / "summary.json").exists():
-        return space.run_dir(run)
-    from tuneloop.config import LoopConfig
-    from tuneloop.config_file import load_config
-    from tuneloop.registry.store import Registry
-
-    config = load_config(config_file, overrides) if config_file else LoopConfig()
-    info = Registry(config, space).get(run)
-    if info.run_id is None or not (space.run_dir(info.run_id) / "summary.json").exists():
-        raise TuneloopError(f"{run} has no training run in this workspace", hint="pass --run RUN_ID")
-    return space.run_dir(info.run_id)
 
 
 def _print_costs(result: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -21,6 +21,9 @@ from tuneloop.cli.common import (
     stderr,
     stdout,
 )
+
+if TYPE_CHECKING:
+    from tuneloop.artifacts.evaluation import EvalReport
 
 
 @app.command("eval")
@@ -70,7 +73,7 @@ def evaluate(
     from tuneloop.workspace import Workspace
 
     config = load_config(config_file, overrides)
-    summary = run_evaluation(
+    report = run_evaluation(
         config,
         Workspace.from_env(workspace),
         model,
@@ -83,30 +86,30 @@ def evaluate(
         console=stderr,
     )
     if as_json:
-        emit_json({key: value for key, value in summary.items() if key != "details"})
+        emit_json(report.model_dump(mode="json", exclude={"details"}))
     else:
-        _print_eval_summary(summary)
-    if strict and not summary["passed"]:
+        _print_eval_summary(report)
+    if strict and not report.passed:
         raise typer.Exit(1)
 
 
-def _print_eval_summary(summary: dict[str, Any]) -> None:
-    labels = list(summary["models"])
-    table = Table(title=f"evaluation on {summary['rows']} rows")
+def _print_eval_summary(report: EvalReport) -> None:
+    labels = list(report.models)
+    table = Table(title=f"evaluation on {report.rows} rows")
     table.add_column("metric")
     for label in labels:
         table.add_column(f"{label}", justify="right")
     if len(labels) > 1:
         table.add_column("delta", justify="right")
-    names = sorted({name for values in summary["metrics"].values() for name in values})
+    names = sorted({name for values in report.metrics.values() for name in values})
     for name in names:
-        values = [summary["metrics"][label].get(name) for label in labels]
+        values = [report.metrics[label].get(name) for label in labels]
         cells = [fmt(value) for value in values]
         if len(labels) > 1:
             cells.append("-" if None in values[:2] else f"{values[0] - values[1]:+.4f}")
         table.add_row(name, *cells)
     stdout.print(table)
-    for gate, result in summary["gate_details"].items():
+    for gate, result in report.gate_details.items():
         colour = "green" if result["result"] == "pass" else "red"
         stdout.print(f"gate {gate} ({result['rule']}): {result['value']:.4f} [{colour}]{result['result']}[/]")
-    stdout.print(f"report: {summary['report']}")
+    stdout.print(f"report: {report.report}")

@@ -21,7 +21,7 @@ from tuneloop.cli.common import (
     stderr,
     stdout,
 )
-from tuneloop.errors import TuneloopError
+from tuneloop.registry.export import ExportFormat
 
 
 def _registry(config_file: Path | None, overrides: list[str] | None, workspace: Path | None) -> Any:
@@ -202,7 +202,7 @@ def registry_delete(
 @handles_errors
 def export(
     reference: Annotated[str, typer.Argument(help="NAME@alias, NAME/VERSION, a run id, or an adapter folder.")],
-    fmt: Annotated[str, typer.Option("--format", help="peft | merged | gguf | gguf-lora")] = "merged",
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="peft | merged | gguf | gguf-lora")] = "merged",
     quant: Annotated[
         str,
         typer.Option(
@@ -216,46 +216,12 @@ def export(
 ) -> None:
     """Export a model: the PEFT adapter, merged safetensors (parity-checked), or GGUF (read back after writing)."""
     quiet_libraries()
-    import tempfile
-
     from tuneloop.config_file import load_config
-    from tuneloop.evaluate.refs import resolve_model_ref
-    from tuneloop.registry import export as exports
+    from tuneloop.registry.export import export as export_model
     from tuneloop.workspace import Workspace
 
-    config = load_config(config_file)
-    space = Workspace.from_env(workspace)
-    spec = resolve_model_ref(reference, config, space)
-    target = out or space.root / "exports" / f"{reference.replace('/', '-').replace('@', '-')}-{fmt}"
-    target.mkdir(parents=True, exist_ok=True)
-    if fmt == "peft":
-        if spec.adapter is None:
-            raise TuneloopError(f"{reference} is a full model, not an adapter", hint="use --format merged or gguf")
-        result = exports.export_peft(spec.adapter, target)
-    elif fmt == "merged":
-        result = _merged(spec, target, exports)
-    elif fmt == "gguf":
-        with tempfile.TemporaryDirectory(dir=space.cache) as scratch:
-            merged = Path(scratch) if spec.adapter else spec.weights
-            if spec.adapter:
-                _merged(spec, merged, exports)
-            result = exports.export_gguf(merged, target, quant, space)
-    elif fmt == "gguf-lora":
-        if spec.adapter is None:
-            raise TuneloopError(f"{reference} has no adapter to convert", hint="use --format gguf")
-        result = exports.export_gguf_lora(spec.base_folder, spec.adapter, target, space)
-    else:
-        raise TuneloopError(f"unknown --format {fmt!r}", hint="peft, merged, gguf or gguf-lora")
+    result = export_model(reference, fmt, quant, out, load_config(config_file), Workspace.from_env(workspace))
     if as_json:
         emit_json(result)
     else:
         stdout.print(f"exported {reference} as {fmt}: {result['path']}")
-
-
-def _merged(spec: Any, target: Path, exports: Any) -> dict[str, Any]:
-    if spec.adapter is None:
-        import shutil
-
-        shutil.copytree(spec.weights, target, dirs_exist_ok=True)
-        return {"format": "merged", "path": str(target), "parity_max_abs_diff": 0.0}
-    return exports.export_merged(spec.base_folder, spec.adapter, target)

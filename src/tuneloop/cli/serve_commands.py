@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -23,6 +22,7 @@ from tuneloop.cli.common import (
     stderr,
     stdout,
 )
+from tuneloop.config import EngineName
 from tuneloop.errors import TuneloopError
 
 
@@ -33,9 +33,7 @@ def serve(
     models: Annotated[
         list[str] | None, typer.Option("--model", help="A model to serve (repeatable): NAME@alias, run id, folder.")
     ] = None,
-    engine: Annotated[
-        str | None, typer.Option("--engine", help="auto | vllm | llamacpp | transformers | remote")
-    ] = None,
+    engine: Annotated[EngineName | None, typer.Option("--engine", help="The engine (default: serve.engine).")] = None,
     host: Annotated[str | None, typer.Option("--host", help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
     overrides: SetOption = None,
@@ -47,57 +45,18 @@ def serve(
     import logging
 
     from tuneloop.config_file import load_config
-    from tuneloop.serve.gateway.app import create_app
-    from tuneloop.serve.launch import build_engine
+    from tuneloop.serve.launch import build_gateway, run_until_signalled
     from tuneloop.workspace import Workspace
 
     config = load_config(config_file, overrides)
-    settings = config.serve
-    variants = [variant for route in settings.routes.values() for variant in route.variants]
-    wanted = [ref for ref in dict.fromkeys([*(models or settings.models), *variants]) if ref != config.model.base]
-    space = Workspace.from_env(workspace)
-    chosen = engine or settings.engine
-    engine_instance = build_engine(config, space, [] if chosen == "remote" else wanted, chosen)
-    keys = settings.api_keys + [key for key in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if key]
-    from tuneloop.serve.gateway.batches import BatchStore
-    from tuneloop.serve.gateway.feedback import FeedbackStore
-    from tuneloop.serve.gateway.routing import Router
-
-    application = create_app(
-        engine_instance,
-        api_keys=keys,
-        max_request_bytes=settings.max_request_bytes,
-        max_tokens_limit=settings.max_tokens,
-        router=Router(settings.routes, seed=config.project.seed),
-        feedback_store=FeedbackStore(space.root / "serve" / "feedback.jsonl"),
-        rate_limit_per_minute=settings.rate_limit_per_minute,
-        batch_store=BatchStore(space.root / "serve"),
-        workspace=space,
-        registry=_registry_opener(config, space),
-    )
+    gateway = build_gateway(config, Workspace.from_env(workspace), models, engine, host, port)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    names = [model.name for model in engine_instance.models()]
-    listen = f"http://{host or settings.host}:{port or settings.port}"
+    names = [model.name for model in gateway.engine.models()]
     if as_json:
-        emit_json({"url": listen, "engine": engine_instance.name, "models": names})
+        emit_json({"url": gateway.url, "engine": gateway.engine.name, "models": names})
     else:
-        stderr.print(f"serving {', '.join(names)} with the {engine_instance.name} engine on {listen}")
-    from tuneloop.serve.launch import run_until_signalled
-
-    run_until_signalled(application, host or settings.host, port or settings.port)
-
-
-def _registry_opener(config: Any, space: Any) -> Any:
-    """Opens the model registry once, on first use (the dashboard, the eval gauges on /metrics)."""
-    import functools
-
-    @functools.cache
-    def open_registry() -> Any:
-        from tuneloop.registry.store import Registry  # MLflow is imported only when needed
-
-        return Registry(config, space)
-
-    return open_registry
+        stderr.print(f"serving {', '.join(names)} with the {gateway.engine.name} engine on {gateway.url}")
+    run_until_signalled(gateway)
 
 
 @bench_app.command("serve")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,14 +73,12 @@ def train(
             raise
         except Exception as error:  # a crash mid-run: the checkpoints stay, say how to resume
             raise describe_failure(error) from error
-    if os.environ.get("TUNELOOP_WORKER") == "1":
-        return  # a --nproc worker: the launching process prints the summary
     summary = result.summary()
     if config.registry.name:
         from tuneloop.registry.store import Registry
-        from tuneloop.registry.versions import register_run
+        from tuneloop.registry.versions import ensure_registered
 
-        info = register_run(Registry(config, space), result.run_id, config.registry.name)
+        info, _ = ensure_registered(Registry(config, space), config.registry.name, result.run_id)
         summary["registry"] = {"name": info.name, "version": info.version, "aliases": info.aliases}
     if as_json:
         emit_json(summary)

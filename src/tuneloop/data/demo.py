@@ -13,6 +13,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from tuneloop.workspace import Workspace
+
 DEMO_NAME = "extraction"
 GENERATOR_VERSION = 1
 INSTRUCTION = (
@@ -211,9 +213,9 @@ def write_demo(path: Path, num_rows: int, seed: int = 1234) -> Path:
     return path
 
 
-def builtin_path(name: str, num_rows: int, cache_dir: Path) -> Path:
+def builtin_path(name: str, num_rows: int, workspace: Workspace) -> Path:
     """Materialise `builtin:NAME` in the workspace cache (once per row count and generator version)."""
     if name != DEMO_NAME:
         raise KeyError(name)
-    path = cache_dir / f"builtin-{name}-v{GENERATOR_VERSION}-{num_rows}.jsonl"
+    path = workspace.builtin_data(name, GENERATOR_VERSION, num_rows)
     return path if path.exists() else write_demo(path, num_rows)

@@ -7,12 +7,12 @@ Artifact layout (`<workspace>/datasets/<dataset_id>/`):
     quarantine.jsonl             every rejected row: source, line, row, reason, detail, the row itself
     manifest.json                counts, token statistics, detected formats, tokenizer identity, config
     report.md, report.html, token_lengths.png
+(paths: `workspace.DatasetPaths`; the manifest: `artifacts.DatasetManifest`; the id: `keys.dataset_key`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import statistics
@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tuneloop import __version__
+from tuneloop.artifacts.dataset import DatasetManifest, PreparedDataset
 from tuneloop.config import DataConfig, LoopConfig, SourceConfig
 from tuneloop.data import demo
 from tuneloop.data.filters import Rejection, drop_exact_duplicates, drop_near_duplicates, drop_toxic
@@ -34,12 +35,10 @@ from tuneloop.data.pack import pack, packing_efficiency
 from tuneloop.data.render import ChatRenderer, Rendered, RenderedText, truncate
 from tuneloop.data.sources import BUILTIN_PREFIX, RawRecord, read_records
 from tuneloop.errors import ConfigError, DataError
-from tuneloop.models import chat_template_source, load_tokenizer, resolve_base, tokenizer_fingerprint
-from tuneloop.workspace import Workspace, fingerprint, tree_sha256
+from tuneloop.keys import DATASET_PIPELINE_VERSION, dataset_inputs, dataset_key, tree_sha256
+from tuneloop.models import chat_template_source, configured_base, load_tokenizer, tokenizer_fingerprint
+from tuneloop.workspace import DatasetPaths, Workspace
 
-# Bump when the artifact's content or layout changes, so old caches are not reused.
-PIPELINE_VERSION = 1
-MANIFEST = "manifest.json"
 FILTER_REASONS = (
     "malformed",
     "missing_field",
@@ -54,80 +53,35 @@ FILTER_REASONS = (
 _ENCODE_BATCH = 2048
 
 
-@dataclass
-class PreparedDataset:
-    dataset_id: str
-    path: Path
-    manifest: dict[str, Any]
-    cache_hit: bool = False
-
-    def summary(self) -> dict[str, Any]:
-        """The machine-readable summary printed by `tuneloop data prepare --json`."""
-        counts = self.manifest["counts"]
-        return {
-            "dataset_id": self.dataset_id,
-            "path": str(self.path),
-            "cache_hit": self.cache_hit,
-            "train_rows": counts["train_rows"],
-            "val_rows": counts["val_rows"],
-            "train_samples": counts["train_samples"],
-            "rows_read": counts["rows_read"],
-            "quarantined": counts["quarantined"],
-            "filtered": counts["filtered"],
-            "detected_formats": {source["path"]: source["format"] for source in self.manifest["sources"]},
-            "tokens": self.manifest["tokens"],
-            "report": str(self.path / "report.html"),
-            "quarantine": str(self.path / "quarantine.jsonl"),
-        }
-
-
-def load_prepared(path: Path) -> PreparedDataset:
-    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    return PreparedDataset(manifest["dataset_id"], path, manifest, cache_hit=True)
-
-
 def prepare_dataset(
     config: LoopConfig, workspace: Workspace, force: bool = False, console: Console | None = None
 ) -> PreparedDataset:
     """Build the dataset artifact for `config`, or return the cached one with the same fingerprint."""
     console = console or Console(stderr=True)
     data = config.data
-    if not data.sources:
-        raise ConfigError(
-            "data.sources is empty", hint="add at least one source, e.g. data.sources: [{path: my.jsonl}]"
-        )
-    source_paths = [_source_path(config, source, workspace) for source in data.sources]
-    base = resolve_base(config.base_model_spec(), workspace)
     with console.status(f"loading tokenizer of {config.model.base}"):
-        tokenizer = load_tokenizer(base, config.chat_template_spec())
-    fingerprint_inputs = {
-        "pipeline_version": PIPELINE_VERSION,
-        "sources": [tree_sha256(path) for path in source_paths],
-        "data": config.section_dump("data"),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-    }
-    # Source paths do not enter the fingerprint (only their content does), so moving a file keeps the cache.
-    for source in fingerprint_inputs["data"]["sources"]:
-        source.pop("path")
-    dataset_id = "ds-" + fingerprint(fingerprint_inputs)[:12]
-    target = workspace.dataset_dir(dataset_id)
-    if (target / MANIFEST).exists() and not force:
-        return load_prepared(target)
+        identity = dataset_identity(config, workspace)
+    source_paths, tokenizer, inputs = identity.source_paths, identity.tokenizer, identity.inputs
+    dataset_id = dataset_key(inputs)
+    target = workspace.dataset(dataset_id)
+    if target.manifest.exists() and not force:
+        return PreparedDataset.load(target)
 
     started = time.perf_counter()
-    staging = workspace.datasets / f".staging-{dataset_id}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = workspace.dataset_staging(dataset_id)
+    shutil.rmtree(staging.root, ignore_errors=True)
+    staging.root.mkdir(parents=True)
     try:
         build = _Build(config, data, tokenizer, console)
-        manifest = build.run(source_paths, staging)
-        manifest.update(
+        built = build.run(source_paths, staging)
+        manifest = DatasetManifest.model_validate(
             {
+                **built,
                 "dataset_id": dataset_id,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "tuneloop_version": __version__,
-                "pipeline_version": PIPELINE_VERSION,
-                "fingerprint_inputs": fingerprint_inputs,
+                "pipeline_version": DATASET_PIPELINE_VERSION,
+                "fingerprint_inputs": inputs,
                 "model": {"base": config.model.base, "chat_template_source": chat_template_source(tokenizer)},
                 "config": {"data": config.section_dump("data"), "model": config.section_dump("model")},
                 "seconds": round(time.perf_counter() - started, 2),
@@ -136,24 +90,49 @@ def prepare_dataset(
         from tuneloop.data.report import write_report
 
         write_report(staging, manifest, build.sample_for_report, build.token_lengths, build.quarantine[:20])
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        manifest.save(staging.manifest)
         if force:
-            shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(target.root, ignore_errors=True)
         try:
-            staging.rename(target)
+            staging.root.rename(target.root)
         except OSError:  # a concurrent run with the same fingerprint won: its artifact is identical
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging.root, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.root, ignore_errors=True)
         raise
-    return PreparedDataset(dataset_id, target, json.loads((target / MANIFEST).read_text(encoding="utf-8")))
+    return PreparedDataset.load(target, cache_hit=False)
+
+
+@dataclass
+class DatasetIdentity:
+    """What names a dataset (`keys.dataset_inputs`) and what was loaded to know it."""
+
+    source_paths: list[Path]
+    tokenizer: Any
+    inputs: dict[str, Any]
+
+    @property
+    def dataset_id(self) -> str:
+        return dataset_key(self.inputs)
+
+
+def dataset_identity(config: LoopConfig, workspace: Workspace) -> DatasetIdentity:
+    """The dataset id `config` prepares to, without preparing it: source contents and the tokenizer's identity."""
+    if not config.data.sources:
+        raise ConfigError(
+            "data.sources is empty", hint="add at least one source, e.g. data.sources: [{path: my.jsonl}]"
+        )
+    source_paths = [_source_path(config, source, workspace) for source in config.data.sources]
+    tokenizer = load_tokenizer(configured_base(config, workspace), config.chat_template_spec())
+    inputs = dataset_inputs(config, [tree_sha256(path) for path in source_paths], tokenizer_fingerprint(tokenizer))
+    return DatasetIdentity(source_paths, tokenizer, inputs)
 
 
 def _source_path(config: LoopConfig, source: SourceConfig, workspace: Workspace) -> Path:
     if source.path.startswith(BUILTIN_PREFIX):
         name = source.path[len(BUILTIN_PREFIX) :]
         try:
-            return demo.builtin_path(name, source.num_rows, workspace.cache)
+            return demo.builtin_path(name, source.num_rows, workspace)
         except KeyError:
             raise ConfigError(
                 f"unknown built-in dataset {source.path!r}", hint=f"use builtin:{demo.DEMO_NAME}"
@@ -175,7 +154,7 @@ class _Build:
     token_lengths: list[int] = field(default_factory=list)
     _packing_efficiency: float | None = None
 
-    def run(self, source_paths: list[Path], out: Path) -> dict[str, Any]:
+    def run(self, source_paths: list[Path], out: DatasetPaths) -> dict[str, Any]:
         with self._progress() as progress:
             samples, sources_info = self._read_all(source_paths, progress)
             rows_read = sum(info["rows_read"] for info in sources_info)
@@ -346,7 +325,7 @@ class _Build:
         val = [rendered[i] for i in sorted(val_index)]
         return train, val
 
-    def _write_splits(self, out: Path, train: list[Any], val: list[Any]) -> int:
+    def _write_splits(self, out: DatasetPaths, train: list[Any], val: list[Any]) -> int:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -362,8 +341,8 @@ class _Build:
                     }
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-        conversations(train, out / "train.jsonl")
-        conversations(val, out / "val.jsonl")
+        conversations(train, out.conversations("train"))
+        conversations(val, out.conversations("val"))
 
         def unpacked_table(pairs: list[tuple[Sample, Rendered]]) -> Any:
             return pa.table(
@@ -383,9 +362,9 @@ class _Build:
                 ),
             )
 
-        pq.write_table(unpacked_table(val), out / "val.parquet")
+        pq.write_table(unpacked_table(val), out.parquet("val"))
         if not self.data.packing:
-            pq.write_table(unpacked_table(train), out / "train.parquet")
+            pq.write_table(unpacked_table(train), out.parquet("train"))
             return len(train)
         packed = pack([(item.input_ids, item.labels) for _, item in train], self.data.max_seq_len)
         self._packing_efficiency = round(packing_efficiency(packed, self.data.max_seq_len), 4)
@@ -405,11 +384,11 @@ class _Build:
                 ]
             ),
         )
-        pq.write_table(table, out / "train.parquet")
+        pq.write_table(table, out.parquet("train"))
         return len(packed)
 
-    def _write_quarantine(self, out: Path) -> None:
-        with (out / "quarantine.jsonl").open("w", encoding="utf-8") as handle:
+    def _write_quarantine(self, out: DatasetPaths) -> None:
+        with out.quarantine.open("w", encoding="utf-8") as handle:
             for entry in self.quarantine:
                 handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
 

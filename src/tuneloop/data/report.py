@@ -10,26 +10,28 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-HISTOGRAM = "token_lengths.png"
+from tuneloop.artifacts.dataset import DatasetManifest
+from tuneloop.workspace import DatasetPaths
 
 
 def write_report(
-    out: Path,
-    manifest: dict[str, Any],
+    out: DatasetPaths,
+    dataset: DatasetManifest,
     sample: dict[str, Any] | None,
     token_lengths: list[int],
     quarantine_preview: list[dict[str, Any]],
 ) -> None:
-    _histogram(token_lengths, manifest["packing"]["max_seq_len"], out / HISTOGRAM)
-    (out / "report.md").write_text(_markdown(manifest, sample, quarantine_preview), encoding="utf-8")
+    manifest = dataset.model_dump(mode="json", by_alias=True)
+    _histogram(token_lengths, dataset.packing.max_seq_len, out.histogram)
+    out.report_md.write_text(_markdown(manifest, sample, quarantine_preview, out.histogram.name), encoding="utf-8")
     environment = Environment(loader=PackageLoader("tuneloop.data", "templates"), autoescape=select_autoescape())
     page = environment.get_template("report.html.j2").render(
         manifest=manifest,
         sample=sample,
         quarantine=quarantine_preview,
-        histogram=base64.b64encode((out / HISTOGRAM).read_bytes()).decode("ascii"),
+        histogram=base64.b64encode(out.histogram.read_bytes()).decode("ascii"),
     )
-    (out / "report.html").write_text(page, encoding="utf-8")
+    out.report_html.write_text(page, encoding="utf-8")
 
 
 def _histogram(lengths: list[int], max_seq_len: int, path: Path) -> None:
@@ -50,7 +52,9 @@ def _histogram(lengths: list[int], max_seq_len: int, path: Path) -> None:
     plt.close(figure)
 
 
-def _markdown(manifest: dict[str, Any], sample: dict[str, Any] | None, quarantine: list[dict[str, Any]]) -> str:
+def _markdown(
+    manifest: dict[str, Any], sample: dict[str, Any] | None, quarantine: list[dict[str, Any]], histogram_name: str
+) -> str:
     counts, tokens = manifest["counts"], manifest["tokens"]
     lines = [
         f"# Data report: {manifest['dataset_id']}",
@@ -91,7 +95,7 @@ def _markdown(manifest: dict[str, Any], sample: dict[str, Any] | None, quarantin
         f"p95 {tokens['p95']}, max {tokens['max']}; truncated rows: {tokens['truncated_rows']}. "
         f"Packing: {'on, efficiency ' + str(packing['efficiency']) if packing['enabled'] else 'off'}.",
         "",
-        f"![token lengths]({HISTOGRAM})",
+        f"![token lengths]({histogram_name})",
         "",
     ]
     if sample:

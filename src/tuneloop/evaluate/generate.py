@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tuneloop.evaluate.refs import ModelSpec
+from tuneloop.models import load_model, load_saved_tokenizer, pad_token_id
+from tuneloop.registry.refs import ModelSpec
 
 
 @dataclass
@@ -19,17 +20,10 @@ class Generation:
 
 
 def load_for_eval(spec: ModelSpec, dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer_source = spec.adapter or spec.weights
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
-    model = AutoModelForCausalLM.from_pretrained(str(spec.weights), dtype=dtype)
-    if spec.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(spec.adapter))
-    model.eval()
-    return model, tokenizer
+    tokenizer = load_saved_tokenizer(spec.tokenizer_folder, spec.trust_remote_code)
+    adapters = {"default": spec.adapter} if spec.adapter is not None else None
+    model = load_model(spec.weights, dtype=dtype, adapters=adapters, trust_remote_code=spec.trust_remote_code)
+    return model.eval(), tokenizer
 
 
 def generate(
@@ -44,7 +38,7 @@ def generate(
     import torch
 
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stop_ids = {tokenizer.eos_token_id}
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
@@ -99,7 +93,7 @@ def latency(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], new
         batch = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             started = time.perf_counter()
-            model.generate(**batch, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            model.generate(**batch, max_new_tokens=1, do_sample=False, pad_token_id=pad_token_id(tokenizer))
             first.append(time.perf_counter() - started)
             started = time.perf_counter()
             output = model.generate(
@@ -107,7 +101,7 @@ def latency(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], new
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_token_id(tokenizer),
             )
             elapsed = time.perf_counter() - started
         rates.append((output.shape[1] - batch["input_ids"].shape[1]) / elapsed)

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from tuneloop.errors import TuneloopError
-from tuneloop.evaluate.refs import ModelSpec
+from tuneloop.registry.refs import ModelSpec
 
 
 def run_harness(

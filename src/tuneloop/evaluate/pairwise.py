@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import DataError
-
-SHEET, KEY = "pairwise.csv", "pairwise_key.json"
+from tuneloop.workspace import EvalPaths
 
 
 def write_sheet(
-    out: Path, prompts: list[str], first: list[str], second: list[str], labels: tuple[str, str], seed: int = 0
+    out: EvalPaths, prompts: list[str], first: list[str], second: list[str], labels: tuple[str, str], seed: int = 0
 ) -> dict[str, Path]:
     rng = random.Random(seed)
     key: dict[str, dict[str, str]] = {}
@@ -31,21 +30,23 @@ def write_sheet(
         a, b = (answer_second, answer_first) if swap else (answer_first, answer_second)
         key[row_id] = {"A": labels[1] if swap else labels[0], "B": labels[0] if swap else labels[1]}
         rows.append({"id": row_id, "prompt": prompt, "answer_a": a, "answer_b": b, "preference": ""})
-    with (out / SHEET).open("w", encoding="utf-8", newline="") as handle:
+    with out.pairwise_sheet.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["id", "prompt", "answer_a", "answer_b", "preference"])
         writer.writeheader()
         writer.writerows(rows)
-    with (out / "pairwise.jsonl").open("w", encoding="utf-8") as handle:
+    with out.pairwise_jsonl.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / KEY).write_text(json.dumps(key, indent=2), encoding="utf-8")
-    return {"sheet": out / SHEET, "jsonl": out / "pairwise.jsonl", "key": out / KEY}
+    out.pairwise_key.write_text(json.dumps(key, indent=2), encoding="utf-8")
+    return {"sheet": out.pairwise_sheet, "jsonl": out.pairwise_jsonl, "key": out.pairwise_key}
 
 
 def import_ratings(ratings_file: Path, key_file: Path | None = None, model: str = "tuned") -> dict[str, Any]:
-    key_file = key_file or ratings_file.parent / KEY
+    key_file = key_file or EvalPaths(ratings_file.parent).pairwise_key
     if not key_file.exists():
-        raise DataError(f"no answer key next to {ratings_file}", hint=f"pass the {KEY} written with the sheet")
+        raise DataError(
+            f"no answer key next to {ratings_file}", hint=f"pass the {key_file.name} written with the sheet"
+        )
     key = json.loads(key_file.read_text(encoding="utf-8"))
     ratings = _read_ratings(ratings_file)
     wins = ties = losses = 0

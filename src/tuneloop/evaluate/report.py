@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from tuneloop.artifacts.evaluation import EvalReport
+from tuneloop.workspace import EvalPaths
 
-def write_eval_report(out: Path, summary: dict[str, Any], outcomes: list[Any], rows: Any, samples: int) -> None:
+
+def write_eval_report(out: EvalPaths, report: EvalReport, outcomes: list[Any], rows: Any, samples: int) -> None:
     labels = [outcome.spec.label for outcome in outcomes]
     names = sorted({name for outcome in outcomes for name in outcome.metrics})
     table = []
@@ -30,9 +32,9 @@ def write_eval_report(out: Path, summary: dict[str, Any], outcomes: list[Any], r
     plots = {"metrics": _metric_bars(outcomes, names), "lengths": _length_histograms(outcomes)}
     for name, png in plots.items():
         if png:
-            (out / f"{name}.png").write_bytes(png)
+            out.plot(name).write_bytes(png)
     context = {
-        "summary": summary,
+        "summary": report.model_dump(mode="json"),
         "labels": labels,
         "table": table,
         "samples": sample_rows,
@@ -40,8 +42,8 @@ def write_eval_report(out: Path, summary: dict[str, Any], outcomes: list[Any], r
         "plots": {name: base64.b64encode(png).decode() for name, png in plots.items() if png},
     }
     environment = Environment(loader=PackageLoader("tuneloop.evaluate", "templates"), autoescape=select_autoescape())
-    (out / "report.html").write_text(environment.get_template("report.html.j2").render(**context), encoding="utf-8")
-    (out / "report.md").write_text(_markdown(context), encoding="utf-8")
+    out.report_html.write_text(environment.get_template("report.html.j2").render(**context), encoding="utf-8")
+    out.report_md.write_text(_markdown(context), encoding="utf-8")
 
 
 def _fmt(value: Any) -> str:

@@ -14,16 +14,20 @@ from typing import Any, get_args
 
 from rich.console import Console
 
+from tuneloop.artifacts.dataset import PreparedDataset
+from tuneloop.artifacts.evaluation import EvalReport
+from tuneloop.artifacts.training import RunRecord
 from tuneloop.config import EvalMetric, LoopConfig
 from tuneloop.config_file import validate_config
-from tuneloop.data.prepare import PreparedDataset, prepare_dataset
+from tuneloop.data.prepare import prepare_dataset
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate import metrics as text_metrics
 from tuneloop.evaluate import safety
 from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.generate import generate, latency, load_for_eval, perplexity
-from tuneloop.evaluate.refs import ModelSpec, latest_finished_run, resolve_model_ref
-from tuneloop.workspace import Workspace
+from tuneloop.models import pad_token_id
+from tuneloop.registry.refs import ModelSpec, resolve_model_ref
+from tuneloop.workspace import EvalPaths, Workspace
 
 # Every metric group but these two needs the models' generated answers.
 GENERATION_GROUPS = set(get_args(EvalMetric)) - {"perplexity", "latency"}
@@ -58,10 +62,10 @@ def run_evaluation(
     harness_tasks: list[str] | None = None,
     harness_include: Path | None = None,
     console: Console | None = None,
-) -> dict[str, Any]:
+) -> EvalReport:
     console = console or Console(stderr=True)
     settings = config.eval
-    model_ref = model_ref or latest_finished_run(workspace)
+    model_ref = model_ref or workspace.latest_finished_run()
     if model_ref is None:
         raise TuneloopError("no model to evaluate", hint="pass --model RUN_ID|base|FOLDER, or train one first")
     primary = resolve_model_ref(model_ref, config, workspace)
@@ -81,38 +85,38 @@ def run_evaluation(
             outcome.metrics.update(run_harness(outcome.spec, harness_tasks, harness_include, limit, console))
     baseline = outcomes[1].metrics if len(outcomes) > 1 else None
     gates = check_gates(settings.gates, outcomes[0].metrics, baseline)
-    out_dir = _report_dir(workspace, primary, outcomes)
-    summary = {
-        "models": {outcome.spec.label: outcome.spec.ref for outcome in outcomes},
-        "metrics": {outcome.spec.label: outcome.metrics for outcome in outcomes},
-        "details": {outcome.spec.label: outcome.details for outcome in outcomes},
-        "gates": {gate: result["result"] for gate, result in gates.items()},
-        "gate_details": gates,
-        "passed": all(result["result"] == "pass" for result in gates.values()),
-        "rows": len(rows.prompts),
-        "data": rows.source,
-        "report": str(out_dir / "report.html"),
-        "dir": str(out_dir),
-    }
+    out = _report_dir(workspace, primary, outcomes)
+    report = EvalReport(
+        models={outcome.spec.label: outcome.spec.ref for outcome in outcomes},
+        metrics={outcome.spec.label: outcome.metrics for outcome in outcomes},
+        details={outcome.spec.label: outcome.details for outcome in outcomes},
+        gates={gate: result["result"] for gate, result in gates.items()},
+        gate_details=gates,
+        passed=all(result["result"] == "pass" for result in gates.values()),
+        rows=len(rows.prompts),
+        data=rows.source,
+        report=str(out.report_html),
+        dir=str(out.root),
+    )
     if pairwise and len(outcomes) > 1 and outcomes[0].outputs:
         from tuneloop.evaluate.pairwise import write_sheet
 
         prompts = [messages[-1]["content"] for messages in rows.prompts]
         paths = write_sheet(
-            out_dir,
+            out,
             prompts,
             outcomes[0].outputs,
             outcomes[1].outputs,
             (outcomes[0].spec.label, outcomes[1].spec.label),
             seed=config.project.seed,
         )
-        summary["pairwise"] = {name: str(path) for name, path in paths.items()}
+        report.pairwise = {name: str(path) for name, path in paths.items()}
     from tuneloop.evaluate.report import write_eval_report
 
-    write_eval_report(out_dir, summary, outcomes, rows, settings.samples_in_report)
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    _log_to_mlflow(config, workspace, primary, summary, out_dir)
-    return summary
+    write_eval_report(out, report, outcomes, rows, settings.samples_in_report)
+    report.save(out.metrics)
+    _log_to_mlflow(config, workspace, primary, report, out)
+    return report
 
 
 def _eval_rows(
@@ -138,7 +142,7 @@ def _eval_rows(
         prepared = prepare_dataset(eval_config, workspace, console=console)
         return _load_rows(prepared, "train", limit, label=source["path"])
     prepared = prepare_dataset(config, workspace, console=console)
-    if prepared.manifest["counts"]["val_rows"] == 0:
+    if not prepared.has_validation:
         raise TuneloopError("the prepared dataset has no validation split", hint="set data.val_fraction or --data")
     return _load_rows(prepared, "val", limit)
 
@@ -146,8 +150,8 @@ def _eval_rows(
 def _load_rows(prepared: PreparedDataset, split: str, limit: int | None, label: str | None = None) -> EvalRows:
     import pyarrow.parquet as pq
 
-    conversations = [json.loads(line) for line in (prepared.path / f"{split}.jsonl").read_text().splitlines()]
-    tokenized = pq.read_table(prepared.path / f"{split}.parquet", columns=["input_ids", "labels"]).to_pylist()
+    conversations = [json.loads(line) for line in prepared.paths.conversations(split).read_text().splitlines()]
+    tokenized = pq.read_table(prepared.paths.parquet(split), columns=["input_ids", "labels"]).to_pylist()
     prompts, references, kept = [], [], []
     for conversation, row in zip(conversations, tokenized, strict=True):
         messages = conversation["messages"]
@@ -159,24 +163,23 @@ def _load_rows(prepared: PreparedDataset, split: str, limit: int | None, label: 
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
-        raise TuneloopError(f"no chat rows with an assistant answer in {prepared.path / split}.jsonl")
+        raise TuneloopError(f"no chat rows with an assistant answer in {prepared.paths.conversations(split)}")
     return EvalRows(prompts, references, kept, label or f"{prepared.dataset_id}/{split}")
 
 
 def _evaluate_one(
     spec: ModelSpec, rows: EvalRows, groups: set[str], config: LoopConfig, console: Console
 ) -> ModelOutcome:
-    from tuneloop.train.device import resolve_precision
+    from tuneloop.device import resolve_precision
 
     settings = config.eval
     precision = resolve_precision(settings.precision)
     started = time.perf_counter()
     model, tokenizer = load_for_eval(spec, precision.torch_dtype)
     outcome = ModelOutcome(spec)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if "perplexity" in groups:
         with console.status(f"[{spec.label}] perplexity"):
-            outcome.metrics.update(perplexity(model, rows.tokenized, pad_id, settings.batch_size))
+            outcome.metrics.update(perplexity(model, rows.tokenized, pad_token_id(tokenizer), settings.batch_size))
     if groups & GENERATION_GROUPS:
         from rich.progress import Progress
 
@@ -245,36 +248,29 @@ def _text_metrics(
         )
 
 
-def _report_dir(workspace: Workspace, primary: ModelSpec, outcomes: list[ModelOutcome]) -> Path:
+def _report_dir(workspace: Workspace, primary: ModelSpec, outcomes: list[ModelOutcome]) -> EvalPaths:
+    """A run's reports go into its `eval/`; other models' into the workspace's `evals/`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     labels = "-vs-".join(outcome.spec.label for outcome in outcomes)
-    parent = primary.run_dir / "eval" if primary.run_dir else workspace.root / "evals"
-    path = parent / f"{stamp}-{labels}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    parent = primary.run.evals if primary.run else workspace.evals
+    return EvalPaths(workspace.ensure(parent / f"{stamp}-{labels}"))
 
 
 def _log_to_mlflow(
-    config: LoopConfig, workspace: Workspace, primary: ModelSpec, summary: dict[str, Any], out_dir: Path
+    config: LoopConfig, workspace: Workspace, primary: ModelSpec, report: EvalReport, out: EvalPaths
 ) -> None:
-    if primary.run_dir is None or not (primary.run_dir / "run.json").exists():
+    """Metrics, gate results and the report into the evaluated run's MLflow run, when it has one."""
+    if primary.run is None or not primary.run.record.exists():
         return
-    mlflow_run_id = json.loads((primary.run_dir / "run.json").read_text()).get("mlflow_run_id")
+    mlflow_run_id = RunRecord.load(primary.run.record).mlflow_run_id
     if not mlflow_run_id:
         return
-    from mlflow.entities import Metric
+    from tuneloop.tracking import Tracker
 
-    from tuneloop.train.tracking import setup_mlflow
-
-    client, _ = setup_mlflow(workspace, config.registry.tracking_uri, config.project.name)
-    now = int(time.time() * 1000)
-    entries = [
-        Metric(f"eval.{label}.{name}", float(value), now, 0)
-        for label, values in summary["metrics"].items()
-        for name, value in values.items()
-        if isinstance(value, int | float)
-    ]
-    client.log_batch(mlflow_run_id, metrics=entries)
-    for gate, result in summary["gates"].items():
-        client.set_tag(mlflow_run_id, f"tuneloop.gate.{gate}", result)
-    client.log_artifacts(mlflow_run_id, str(out_dir), artifact_path=f"eval/{out_dir.name}")
+    tracker = Tracker.open(workspace, config.registry.tracking_uri, config.project.name)
+    tracker.log_metrics(
+        mlflow_run_id,
+        {f"eval.{label}.{name}": value for label, values in report.metrics.items() for name, value in values.items()},
+    )
+    tracker.set_tags(mlflow_run_id, {f"tuneloop.gate.{gate}": result for gate, result in report.gates.items()})
+    tracker.log_artifacts(mlflow_run_id, [out.root], under=f"eval/{out.root.name}")

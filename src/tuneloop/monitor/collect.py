@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuneloop.workspace import Workspace
+from tuneloop.artifacts.training import RunRecord, TrainResult
+from tuneloop.errors import TuneloopError
+from tuneloop.workspace import RunPaths, Workspace
 
 MAX_RUNS = 20
 LATENCY_BUCKETS = {
@@ -21,22 +23,22 @@ LATENCY_BUCKETS = {
 def training_runs(workspace: Workspace, limit: int = MAX_RUNS) -> list[dict[str, Any]]:
     """Newest first: id, status, method, steps, tokens/s, losses and the loss curve of each run."""
     runs = []
-    for record_path in workspace.runs.glob("*/run.json"):
-        run_dir = record_path.parent
-        record = _json(record_path) or {}
-        summary = _json(run_dir / "summary.json") or {}
-        history = _history(run_dir)
+    for run_id in workspace.run_ids():
+        paths = workspace.run(run_id)
+        record = _load(RunRecord, paths.record)
+        result = _load(TrainResult, paths.summary)
+        history = _history(paths)
         runs.append(
             {
-                "run_id": run_dir.name,
-                "status": record.get("status", "unknown"),
-                "created_at": record.get("created_at", ""),
-                "method": summary.get("method"),
-                "steps": summary.get("steps") or (history[-1].get("step") if history else None),
-                "tokens_per_second": summary.get("tokens_per_second"),
-                "wall_seconds": summary.get("wall_seconds"),
-                "train_loss": summary.get("train_loss"),
-                "eval_loss": summary.get("eval_loss"),
+                "run_id": run_id,
+                "status": record.status if record else "unknown",
+                "created_at": record.created_at if record else "",
+                "method": result.method if result else None,
+                "steps": result.steps if result else (history[-1].get("step") if history else None),
+                "tokens_per_second": result.tokens_per_second if result else None,
+                "wall_seconds": result.wall_seconds if result else None,
+                "train_loss": result.train_loss if result else None,
+                "eval_loss": result.eval_loss if result else None,
                 "loss_curve": [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e],
                 "eval_curve": [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e],
             }
@@ -45,13 +47,14 @@ def training_runs(workspace: Workspace, limit: int = MAX_RUNS) -> list[dict[str,
     return runs[:limit]
 
 
-def _history(run_dir: Path) -> list[dict[str, Any]]:
+def _history(paths: RunPaths) -> list[dict[str, Any]]:
     """The finished run's log history, else the newest checkpoint's (a run in progress)."""
-    history = _json(run_dir / "history.json")
+    history = _json(paths.history)
     if history is not None:
         return history
+    # A run in progress: Transformers' own checkpoint layout.
     states = sorted(
-        (run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+        paths.checkpoints.glob("checkpoint-*/trainer_state.json"),
         key=lambda path: int(path.parent.name.split("-")[-1]),
     )
     return (_json(states[-1]) or {}).get("log_history", []) if states else []
@@ -62,7 +65,7 @@ def registry_versions(registry: Any) -> list[dict[str, Any]]:
     versions = []
     for name in registry.names():
         for info in reversed(registry.versions(name)):
-            evaluation = info.lineage.get("evaluation") or {}
+            evaluation = info.lineage.evaluation if info.lineage else None
             versions.append(
                 {
                     "name": info.name,
@@ -71,11 +74,8 @@ def registry_versions(registry: Any) -> list[dict[str, Any]]:
                     "run_id": info.run_id,
                     "eval_passed": info.eval_passed,
                     "created_at": info.created_at,
-                    "metrics": {
-                        label: {k: v for k, v in values.items() if isinstance(v, int | float)}
-                        for label, values in (evaluation.get("metrics") or {}).items()
-                    },
-                    "gates": evaluation.get("gates") or {},
+                    "metrics": evaluation.metrics if evaluation else {},
+                    "gates": evaluation.gates if evaluation else {},
                 }
             )
     return versions
@@ -140,6 +140,14 @@ def histogram_quantile(quantile: float, points: list[tuple[float, float]]) -> fl
             return round(previous_bound + (bound - previous_bound) * share, 4)
         previous_bound, previous_count = bound, count
     return previous_bound
+
+
+def _load(artifact: Any, path: Path) -> Any:
+    """An artifact, or None while it is missing or being written (the dashboard shows what it can)."""
+    try:
+        return artifact.load(path) if path.exists() else None
+    except TuneloopError:
+        return None
 
 
 def _json(path: Path) -> Any:

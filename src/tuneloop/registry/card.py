@@ -8,40 +8,40 @@ from typing import Any
 
 import yaml
 
+from tuneloop.artifacts.lineage import Lineage
 
-def render_model_card(name: str, version: int, lineage: dict[str, Any], license_name: str | None) -> str:
-    train = lineage["config"].get("train", {})
-    evaluation = lineage.get("evaluation") or {}
-    labels = list((evaluation.get("metrics") or {}).keys())
-    tuned = (evaluation.get("metrics") or {}).get(labels[0], {}) if labels else {}
+
+def render_model_card(name: str, version: int, lineage: Lineage, license_name: str | None) -> str:
+    train = lineage.config.get("train", {})
+    evaluation = lineage.evaluation
+    metrics = evaluation.metrics if evaluation else {}
+    labels = list(metrics)
+    tuned = metrics[labels[0]] if labels else {}
     results = (
         [
             {
                 "task": {"type": "text-generation"},
-                "dataset": {"name": lineage["data"]["fingerprint"], "type": "custom"},
-                "metrics": [
-                    {"type": metric, "value": round(float(value), 6)}
-                    for metric, value in tuned.items()
-                    if isinstance(value, int | float)
-                ],
+                "dataset": {"name": lineage.data.fingerprint, "type": "custom"},
+                "metrics": [{"type": metric, "value": round(float(value), 6)} for metric, value in tuned.items()],
             }
         ]
         if tuned
         else []
     )
-    method = lineage["method"]
+    method = lineage.method
+    base = lineage.base_model.reference
     front = {
-        "base_model": lineage["base_model"]["reference"],
+        "base_model": base,
         "library_name": "transformers" if method == "full" else "peft",
         "license": license_name or "other",
-        "datasets": [Path(source["path"]).name for source in lineage["data"]["sources"] if source.get("path")],
+        "datasets": [Path(source.path).name for source in lineage.data.sources],
         "tags": ["tuneloop", method, "text-generation"] + (["lora"] if method != "full" else []),
         "model-index": [{"name": f"{name}-v{version}", "results": results}],
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {name} v{version}", ""]
     lines += [
         f"A {'LoRA adapter' if method == 'lora' else 'QLoRA adapter' if method == 'qlora' else 'fully fine-tuned model'}"
-        f" for `{lineage['base_model']['reference']}`, trained with tuneloop (run `{lineage['run_id']}`).",
+        f" for `{base}`, trained with tuneloop (run `{lineage.run_id}`).",
         "",
         "## Intended use",
         "",
@@ -50,14 +50,12 @@ def render_model_card(name: str, version: int, lineage: dict[str, Any], license_
         "",
         "## Training data",
         "",
-        f"Dataset fingerprint `{lineage['data']['fingerprint']}`; "
-        f"{lineage['data']['counts'].get('train_rows', '?')} train / {lineage['data']['counts'].get('val_rows', '?')} "
+        f"Dataset fingerprint `{lineage.data.fingerprint}`; "
+        f"{lineage.data.counts.get('train_rows', '?')} train / {lineage.data.counts.get('val_rows', '?')} "
         "validation rows after quality filters.",
         "",
     ]
-    lines += [
-        f"- `{source['path']}` ({source['format']}, {source['rows']} rows)" for source in lineage["data"]["sources"]
-    ]
+    lines += [f"- `{source.path}` ({source.format}, {source.rows} rows)" for source in lineage.data.sources]
     lines += ["", "## Hyper-parameters", "", "| parameter | value |", "|---|---|"]
     lora = train.get("lora", {})
     for key in (
@@ -77,12 +75,12 @@ def render_model_card(name: str, version: int, lineage: dict[str, Any], license_
             lines.append(f"| {key} | {train[key]} |")
     if method != "full":
         lines += [f"| lora.{key} | {lora.get(key)} |" for key in ("r", "alpha", "dropout", "target_modules")]
-    training = lineage["training"]
+    training = lineage.training
     lines += [
         "",
-        f"Trained {training['steps']} steps on {training['tokens']:,} tokens at {training['tokens_per_second']:.0f} "
-        f"tokens/s ({training['precision']}); final train loss {training['train_loss']}, validation loss "
-        f"{training['eval_loss']}.",
+        f"Trained {training.steps} steps on {training.tokens:,} tokens at {training.tokens_per_second:.0f} "
+        f"tokens/s ({training.precision}); final train loss {training.train_loss}, validation loss "
+        f"{training.eval_loss}.",
         "",
         "## Evaluation",
         "",
@@ -90,22 +88,22 @@ def render_model_card(name: str, version: int, lineage: dict[str, Any], license_
     if evaluation:
         header = "| metric | " + " | ".join(labels) + " |"
         lines += [
-            f"On {evaluation.get('rows')} rows of `{evaluation.get('data')}`:",
+            f"On {evaluation.rows} rows of `{evaluation.data}`:",
             "",
             header,
             "|---|" + "---:|" * len(labels),
         ]
-        names = sorted({metric for values in evaluation["metrics"].values() for metric in values})
+        names = sorted({metric for values in metrics.values() for metric in values})
         for metric in names:
-            cells = [_fmt(evaluation["metrics"][label].get(metric)) for label in labels]
+            cells = [_fmt(metrics[label].get(metric)) for label in labels]
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-        gates = evaluation.get("gates") or {}
+        gates = evaluation.gates
         if gates:
             lines += ["", "Gates: " + ", ".join(f"{gate}: **{result}**" for gate, result in gates.items())]
     else:
         lines.append("Not evaluated yet (`tuneloop eval`).")
-    base = lineage["base_model"]["reference"]
-    artifact = lineage["artifact"]
+    artifact = lineage.artifact
+    base_folder = lineage.base_model.folder or base
     lines += [
         "",
         "## Limitations",
@@ -123,7 +121,7 @@ def render_model_card(name: str, version: int, lineage: dict[str, Any], license_
         lines += [
             "from peft import PeftModel",
             f'tokenizer = AutoTokenizer.from_pretrained("{artifact}")',
-            f'base = AutoModelForCausalLM.from_pretrained("{lineage["base_model"].get("folder") or base}")',
+            f'base = AutoModelForCausalLM.from_pretrained("{base_folder}")',
             f'model = PeftModel.from_pretrained(base, "{artifact}")',
         ]
     else:
@@ -131,7 +129,7 @@ def render_model_card(name: str, version: int, lineage: dict[str, Any], license_
     lines += [
         "```",
         "",
-        f"vLLM: `vllm serve {lineage['base_model'].get('folder') or base} --enable-lora --lora-modules {name}={artifact}`"
+        f"vLLM: `vllm serve {base_folder} --enable-lora --lora-modules {name}={artifact}`"
         if method != "full"
         else f"vLLM: `vllm serve {artifact}`",
         "",

@@ -14,15 +14,53 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tuneloop.binaries import llama_cpp_tool
+from tuneloop.config import LoopConfig
 from tuneloop.errors import TuneloopError
+from tuneloop.models import load_model, load_saved_tokenizer
+from tuneloop.registry.refs import ModelSpec, resolve_model_ref
 from tuneloop.workspace import Workspace
 
+ExportFormat = Literal["peft", "merged", "gguf", "gguf-lora"]
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 CONVERTER_QUANTS = {"f16", "bf16", "f32", "q8_0"}  # what the converter writes itself; k-quants need llama-quantize
+
+
+def export(
+    reference: str, fmt: ExportFormat, quant: str, out: Path | None, config: LoopConfig, workspace: Workspace
+) -> dict[str, Any]:
+    """`tuneloop export`: a model reference (registry name, run id, folder) in `fmt`, into `out` (default: the
+    workspace's exports folder)."""
+    spec = resolve_model_ref(reference, config, workspace)
+    target = workspace.ensure(out or workspace.export_dir(reference, fmt))
+    if fmt == "peft":
+        return export_peft(_adapter_or_error(spec, "a full model, not an adapter", "merged or gguf"), target)
+    if fmt == "merged":
+        return _merged(spec, target)
+    if fmt == "gguf-lora":
+        return export_gguf_lora(spec.base_folder, _adapter_or_error(spec, "no adapter to convert", "gguf"), target)
+    if spec.adapter is None:
+        return export_gguf(spec.weights, target, quant)
+    with tempfile.TemporaryDirectory(dir=workspace.ensure(workspace.cache)) as scratch:
+        _merged(spec, Path(scratch))
+        return export_gguf(Path(scratch), target, quant)
+
+
+def _adapter_or_error(spec: ModelSpec, problem: str, instead: str) -> Path:
+    if spec.adapter is None:
+        raise TuneloopError(f"{spec.ref} is {problem}", hint=f"use --format {instead}")
+    return spec.adapter
+
+
+def _merged(spec: ModelSpec, target: Path) -> dict[str, Any]:
+    if spec.adapter is None:
+        shutil.copytree(spec.weights, target, dirs_exist_ok=True)
+        return {"format": "merged", "path": str(target), "parity_max_abs_diff": 0.0}
+    return export_merged(spec.base_folder, spec.adapter, target, trust_remote_code=spec.trust_remote_code)
 
 
 def export_peft(adapter: Path, out: Path) -> dict[str, Any]:
@@ -30,15 +68,15 @@ def export_peft(adapter: Path, out: Path) -> dict[str, Any]:
     return {"format": "peft", "path": str(out)}
 
 
-def export_merged(base_folder: Path, adapter: Path, out: Path, tolerance: float = 1e-3) -> dict[str, Any]:
+def export_merged(
+    base_folder: Path, adapter: Path, out: Path, tolerance: float = 1e-3, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Merge the adapter into the base weights (fp32), save safetensors + tokenizer, and check the logits."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32), str(adapter)
+    tokenizer = load_saved_tokenizer(adapter, trust_remote_code)
+    model = load_model(
+        base_folder, dtype=torch.float32, adapters={"default": adapter}, trust_remote_code=trust_remote_code
     ).eval()
     probe = tokenizer(["Hello, how are you?", "Extract the order: 3 lamps"], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -46,7 +84,7 @@ def export_merged(base_folder: Path, adapter: Path, out: Path, tolerance: float 
     merged = model.merge_and_unload()
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    reloaded = load_model(out, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     with torch.no_grad():
         actual = reloaded(**probe).logits
     difference = float((expected - actual).abs().max())
@@ -55,10 +93,10 @@ def export_merged(base_folder: Path, adapter: Path, out: Path, tolerance: float 
     return {"format": "merged", "path": str(out), "parity_max_abs_diff": difference}
 
 
-def export_gguf(merged_folder: Path, out: Path, quant: str, workspace: Workspace) -> dict[str, Any]:
+def export_gguf(merged_folder: Path, out: Path, quant: str) -> dict[str, Any]:
     """llama.cpp's converter writes f16/bf16/f32/q8_0 itself; other types (q4_k_m, q5_k_m, q4_0, ...) are made from
     the f16 file by llama.cpp's `llama-quantize` (built by `make llamacpp`)."""
-    tools = converter_dir(workspace)
+    tools = converter_dir()
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"model-{quant}.gguf"
     if quant in CONVERTER_QUANTS:
@@ -82,8 +120,8 @@ def export_gguf(merged_folder: Path, out: Path, quant: str, workspace: Workspace
     return {"format": "gguf", "path": str(target), **read_back(target)}
 
 
-def export_gguf_lora(base_folder: Path, adapter: Path, out: Path, workspace: Workspace) -> dict[str, Any]:
-    tools = converter_dir(workspace)
+def export_gguf_lora(base_folder: Path, adapter: Path, out: Path) -> dict[str, Any]:
+    tools = converter_dir()
     out.mkdir(parents=True, exist_ok=True)
     target = out / "adapter-f16.gguf"
     _run_converter(
@@ -106,7 +144,7 @@ def read_back(path: Path) -> dict[str, Any]:
     return {"tensors": len(reader.tensors), "architecture": name, "bytes": path.stat().st_size}
 
 
-def converter_dir(workspace: Workspace) -> Path:
+def converter_dir() -> Path:
     """A folder with convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/ and gguf-py/."""
     configured = os.environ.get("TUNELOOP_LLAMA_CPP")
     if configured:

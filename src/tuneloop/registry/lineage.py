@@ -7,82 +7,73 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
-from tuneloop.config import LoopConfig
-from tuneloop.models import base_weights_fingerprint, resolve_base
-from tuneloop.workspace import Workspace
+from tuneloop.artifacts.dataset import DatasetManifest
+from tuneloop.artifacts.evaluation import EvalReport
+from tuneloop.artifacts.lineage import (
+    BaseModelLineage,
+    DataLineage,
+    EvaluationLineage,
+    Lineage,
+    SourceLineage,
+    TrainingLineage,
+)
+from tuneloop.artifacts.training import RunRecord, TrainResult
+from tuneloop.workspace import RunPaths, Workspace
 
 LIBRARIES = ("tuneloop", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "mlflow")
 
 
-def collect_lineage(run_dir: Path, workspace: Workspace) -> dict[str, Any]:
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    artifact = Path(summary["adapter_path"] or summary["model_path"])
-    dataset_dir = workspace.dataset_dir(summary["dataset_id"])
-    manifest = json.loads((dataset_dir / "manifest.json").read_text(encoding="utf-8")) if dataset_dir.exists() else {}
-    loop = LoopConfig.model_validate(config)
-    base = resolve_base(loop.model.base, workspace)
-    evaluation = latest_eval(run_dir)
-    return {
-        "run_id": summary["run_id"],
-        "mlflow_run_id": run.get("mlflow_run_id"),
-        "method": summary["method"],
-        "base_model": {
-            "reference": loop.model.base,
-            "folder": _base_folder(artifact),
-            "weights_sha256": base_weights_fingerprint(base),
-        },
-        "data": {
-            "fingerprint": summary["dataset_id"],
-            "sources": [
-                {"path": source.get("path"), "format": source.get("format"), "rows": source.get("rows_read")}
-                for source in manifest.get("sources", [])
+def collect_lineage(run: RunPaths, workspace: Workspace) -> Lineage:
+    """Read from the run's own files: its result (which records the resolved base and its weights' hash), config,
+    record, newest evaluation, and the dataset manifest when the dataset is still in the workspace."""
+    result = TrainResult.load(run.summary)
+    config = json.loads(run.config.read_text(encoding="utf-8"))
+    record = RunRecord.load(run.record)
+    dataset = workspace.dataset(result.dataset_id)
+    manifest = DatasetManifest.load(dataset.manifest) if dataset.manifest.exists() else None
+    evaluation = latest_eval(run)
+    artifact = result.output
+    training = TrainingLineage.model_validate(result.model_dump())
+    return Lineage(
+        run_id=result.run_id,
+        mlflow_run_id=record.mlflow_run_id,
+        method=result.method,
+        base_model=BaseModelLineage(
+            reference=result.base_model, folder=_base_folder(artifact), weights_sha256=result.base_weights_sha256
+        ),
+        data=DataLineage(
+            fingerprint=result.dataset_id,
+            sources=[
+                SourceLineage(path=source.path, format=source.format, rows=source.rows_read)
+                for source in (manifest.sources if manifest else [])
             ],
-            "source_sha256": manifest.get("fingerprint_inputs", {}).get("sources", []),
-            "counts": manifest.get("counts", {}),
-        },
-        "config": config,
-        "training": {
-            key: summary[key]
-            for key in (
-                "train_loss",
-                "eval_loss",
-                "steps",
-                "tokens",
-                "tokens_per_second",
-                "peak_memory_mb",
-                "wall_seconds",
-                "precision",
-                "quantization",
-            )
-        },
-        "metrics": _flat_eval_metrics(evaluation)
-        | {"train_loss": summary["train_loss"] or 0.0, "eval_loss": summary["eval_loss"] or 0.0},
-        "evaluation": evaluation,
-        "chat_template": _read(artifact / "chat_template.jinja"),
-        "generation_config": json.loads(_read(artifact / "generation_config.json") or "{}"),
-        "libraries": {name: _version(name) for name in LIBRARIES} | {"python": platform.python_version()},
-        "git_commit": git_commit(),
-        "artifact": str(artifact),
-    }
+            source_sha256=manifest.source_hashes if manifest else [],
+            counts=manifest.counts.model_dump() if manifest else {},
+        ),
+        config=config,
+        training=training,
+        metrics=_flat_eval_metrics(evaluation)
+        | {"train_loss": result.train_loss or 0.0, "eval_loss": result.eval_loss or 0.0},
+        evaluation=evaluation,
+        chat_template=_read(artifact / "chat_template.jinja"),
+        generation_config=json.loads(_read(artifact / "generation_config.json") or "{}"),
+        libraries={name: _version(name) for name in LIBRARIES} | {"python": platform.python_version()},
+        git_commit=git_commit(),
+        artifact=str(artifact),
+    )
 
 
-def latest_eval(run_dir: Path) -> dict[str, Any] | None:
-    reports = sorted((run_dir / "eval").glob("*/metrics.json")) if (run_dir / "eval").exists() else []
-    if not reports:
-        return None
-    data = json.loads(reports[-1].read_text(encoding="utf-8"))
-    return {key: data[key] for key in ("models", "metrics", "gates", "passed", "rows", "data", "report") if key in data}
+def latest_eval(run: RunPaths) -> EvaluationLineage | None:
+    report = EvalReport.latest(run)
+    return EvaluationLineage.model_validate(report.model_dump()) if report else None
 
 
-def _flat_eval_metrics(evaluation: dict[str, Any] | None) -> dict[str, float]:
+def _flat_eval_metrics(evaluation: EvaluationLineage | None) -> dict[str, float]:
     if not evaluation:
         return {}
-    tuned = next(iter(evaluation["metrics"].values()), {})
-    return {f"eval_{name}": float(value) for name, value in tuned.items() if isinstance(value, int | float)}
+    tuned = next(iter(evaluation.metrics.values()), {})
+    return {f"eval_{name}": float(value) for name, value in tuned.items()}
 
 
 def _base_folder(artifact: Path) -> str | None:

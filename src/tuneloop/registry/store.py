@@ -1,26 +1,25 @@
 """The model registry, on MLflow's model registry (same store as tracking; any MLflow URI for teams).
 
 A version points at a training run's logged artifacts (the adapter or full model folder). tuneloop adds lineage
-tags, a lineage file and a model card per version, aliases (`champion`, `challenger`, `previous`, any name), and the
-one place that turns a reference (`NAME@alias`, `NAME/3`, `NAME`, a run id, a folder) into files.
+tags, a lineage file (`artifacts.Lineage`) and a model card per version, and aliases (`champion`, `challenger`,
+`previous`, any name). `registry.refs` turns any reference (`NAME@alias`, `NAME/3`, a run id, a folder) into files.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+from tuneloop.artifacts.lineage import Lineage
 from tuneloop.config import LoopConfig
 from tuneloop.errors import TuneloopError
-from tuneloop.train.tracking import setup_mlflow
-from tuneloop.workspace import Workspace
+from tuneloop.tracking import Tracker
+from tuneloop.workspace import VersionPaths, Workspace
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -36,15 +35,28 @@ class VersionInfo:
     artifact_path: str
     base_model: str | None
     data_fingerprint: str | None
-    metrics: dict[str, float] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    lineage: dict[str, Any] = field(default_factory=dict)
+    lineage: Lineage | None = None
     model_card: str | None = None
     eval_passed: bool | None = None
     created_at: str | None = None
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.lineage.metrics if self.lineage else {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.lineage.config if self.lineage else {}
+
     def summary(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able, for `--json` output (the lineage as its own dict)."""
+        fields = {key: value for key, value in self.__dict__.items() if key != "lineage"}
+        return {
+            **fields,
+            "metrics": self.metrics,
+            "config": self.config,
+            "lineage": self.lineage.model_dump(mode="json") if self.lineage else {},
+        }
 
 
 def validate_name(name: str) -> str:
@@ -69,14 +81,15 @@ class Registry:
     def __init__(self, config: LoopConfig, workspace: Workspace) -> None:
         self.config = config
         self.workspace = workspace
-        self.client, self.experiment_id = setup_mlflow(workspace, config.registry.tracking_uri, config.project.name)
+        self.tracker = Tracker.open(workspace, config.registry.tracking_uri, config.project.name)
+        self.client = self.tracker.client
 
     # -- writing ----------------------------------------------------------------------------------------------------
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """Serialise registrations from concurrent processes (SQLite allows one writer at a time)."""
-        lock_path = self.workspace.root / "registry.lock"
-        with lock_path.open("w") as handle:
+        self.workspace.ensure(self.workspace.root)
+        with self.workspace.registry_lock.open("w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -165,9 +178,8 @@ class Registry:
 
     def _info(self, version: Any) -> VersionInfo:
         tags = dict(version.tags or {})
-        lineage_file = self.version_dir(version.name, int(version.version)) / "lineage.json"
-        lineage = json.loads(lineage_file.read_text(encoding="utf-8")) if lineage_file.exists() else {}
-        card = self.version_dir(version.name, int(version.version)) / "README.md"
+        files = self.version_dir(version.name, int(version.version))
+        lineage = Lineage.load(files.lineage) if files.lineage.exists() else None
         eval_passed = tags.get("tuneloop.eval_passed")
         return VersionInfo(
             name=version.name,
@@ -177,10 +189,8 @@ class Registry:
             artifact_path=self.local_path(version.source),
             base_model=tags.get("tuneloop.base_model"),
             data_fingerprint=tags.get("tuneloop.data_fingerprint"),
-            metrics=lineage.get("metrics", {}),
-            config=lineage.get("config", {}),
             lineage=lineage,
-            model_card=str(card) if card.exists() else None,
+            model_card=str(files.card) if files.card.exists() else None,
             eval_passed=None if eval_passed is None else eval_passed == "true",
             created_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(version.creation_timestamp / 1000)),
         )
@@ -193,14 +203,13 @@ class Registry:
             return source
         from mlflow.artifacts import download_artifacts
 
-        target = self.workspace.cache / "registry-downloads" / re.sub(r"[^A-Za-z0-9]+", "_", source)[-120:]
+        target = self.workspace.registry_download(source)
         if not target.exists():
             download_artifacts(artifact_uri=source, dst_path=str(target), tracking_uri=self.client.tracking_uri)
         return str(target)
 
-    def version_dir(self, name: str, version: int) -> Path:
-        path = self.workspace.root / "registry" / validate_name(name) / str(version)
-        resolved = path.resolve()
-        if not resolved.is_relative_to((self.workspace.root / "registry").resolve()):
-            raise TuneloopError(f"invalid model name {name!r}")
-        return path
+    def version_dir(self, name: str, version: int) -> VersionPaths:
+        try:
+            return self.workspace.version(validate_name(name), version)
+        except ValueError:
+            raise TuneloopError(f"invalid model name {name!r}") from None

@@ -2,63 +2,67 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from tuneloop.artifacts.lineage import Lineage
+from tuneloop.config import flatten
 from tuneloop.errors import TuneloopError
 from tuneloop.registry.card import render_model_card
 from tuneloop.registry.lineage import collect_lineage
 from tuneloop.registry.store import Registry, VersionInfo, validate_name
+from tuneloop.workspace import RunPaths
 
 
 def register_run(registry: Registry, run_ref: str, name: str) -> VersionInfo:
     """Register a finished training run (id or folder) as a new version of `name`."""
     validate_name(name)
     workspace = registry.workspace
-    run_dir = workspace.run_dir(run_ref) if not Path(run_ref).is_dir() else Path(run_ref)
-    if not (run_dir / "summary.json").exists():
+    run = RunPaths(Path(run_ref)) if Path(run_ref).is_dir() else workspace.run(run_ref)
+    if not run.summary.exists():
         raise TuneloopError(f"{run_ref!r} is not a finished training run", hint=f"runs are in {workspace.runs}")
-    lineage = collect_lineage(run_dir, workspace)
-    source = _artifact_source(registry, lineage)
+    lineage = collect_lineage(run, workspace)
     tags = {
-        "tuneloop.run_id": lineage["run_id"],
-        "tuneloop.base_model": lineage["base_model"]["reference"],
-        "tuneloop.base_weights_sha256": lineage["base_model"]["weights_sha256"],
-        "tuneloop.data_fingerprint": lineage["data"]["fingerprint"],
-        "tuneloop.method": lineage["method"],
-        "tuneloop.git_commit": lineage["git_commit"] or "",
+        "tuneloop.run_id": lineage.run_id,
+        "tuneloop.base_model": lineage.base_model.reference,
+        "tuneloop.base_weights_sha256": lineage.base_model.weights_sha256,
+        "tuneloop.data_fingerprint": lineage.data.fingerprint,
+        "tuneloop.method": lineage.method,
+        "tuneloop.git_commit": lineage.git_commit or "",
     }
-    if lineage["evaluation"] is not None:
-        tags["tuneloop.eval_passed"] = "true" if lineage["evaluation"].get("passed") else "false"
+    if lineage.evaluation is not None:
+        tags["tuneloop.eval_passed"] = "true" if lineage.evaluation.passed else "false"
     version = registry.register(
         name,
-        source,
-        lineage["mlflow_run_id"],
+        _artifact_source(registry, lineage),
+        lineage.mlflow_run_id,
         tags,
-        description=f"{lineage['method']} of {lineage['base_model']['reference']}, run {lineage['run_id']}",
+        description=f"{lineage.method} of {lineage.base_model.reference}, run {lineage.run_id}",
     )
-    folder = registry.version_dir(name, version)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
-    (folder / "README.md").write_text(
-        render_model_card(name, version, lineage, registry.config.registry.license), encoding="utf-8"
-    )
-    if lineage["mlflow_run_id"]:
-        registry.client.log_artifacts(
-            lineage["mlflow_run_id"], str(folder), artifact_path=f"registry/{name}-v{version}"
-        )
+    files = registry.version_dir(name, version)
+    lineage.save(files.lineage)
+    files.card.write_text(render_model_card(name, version, lineage, registry.config.registry.license), encoding="utf-8")
+    if lineage.mlflow_run_id:
+        registry.tracker.log_artifacts(lineage.mlflow_run_id, [files.root], under=f"registry/{name}-v{version}")
     return registry.get(f"{name}/{version}")
 
 
-def _artifact_source(registry: Registry, lineage: dict[str, Any]) -> str:
+def ensure_registered(registry: Registry, name: str, run_id: str) -> tuple[VersionInfo, bool]:
+    """The version already registered from this run, else a new one; and whether it was registered now."""
+    if name in registry.names():
+        for info in registry.versions(name):
+            if info.run_id == run_id:
+                return info, False
+    return register_run(registry, run_id, name), True
+
+
+def _artifact_source(registry: Registry, lineage: Lineage) -> str:
     """The MLflow artifact URI of the run's adapter/model when it was tracked, else its folder."""
-    artifact = Path(lineage["artifact"])
-    if lineage["mlflow_run_id"]:
-        run = registry.client.get_run(lineage["mlflow_run_id"])
-        return f"{run.info.artifact_uri.rstrip('/')}/{artifact.name}"
+    artifact = Path(lineage.artifact)
+    if lineage.mlflow_run_id:
+        return f"{registry.tracker.run_artifact_uri(lineage.mlflow_run_id)}/{artifact.name}"
     return artifact.resolve().as_uri()
 
 
@@ -66,9 +70,7 @@ def promote(registry: Registry, name: str, version: int, force: bool, console: C
     """Make `version` the champion (the old champion becomes `previous`), unless its eval gates failed."""
     info = registry.get(f"{name}/{version}")
     if info.eval_passed is False and not force:
-        failed = [
-            gate for gate, result in (info.lineage.get("evaluation") or {}).get("gates", {}).items() if result == "fail"
-        ]
+        failed = info.lineage.evaluation.failed_gates if info.lineage and info.lineage.evaluation else []
         raise TuneloopError(
             f"{name}/{version} failed its evaluation gates ({', '.join(failed) or 'see its eval report'}); not promoted",
             hint="improve the model, or pass --force to promote anyway",
@@ -92,7 +94,7 @@ def diff(registry: Registry, name: str, first: int, second: int) -> dict[str, An
     return {
         "name": name,
         "versions": [first, second],
-        "config": _dict_diff(_flatten(a.config), _flatten(b.config)),
+        "config": _dict_diff(flatten(a.config), flatten(b.config)),
         "data_fingerprint": {
             "a": a.data_fingerprint,
             "b": b.data_fingerprint,
@@ -108,15 +110,6 @@ def diff(registry: Registry, name: str, first: int, second: int) -> dict[str, An
             for key in sorted(set(a.metrics) | set(b.metrics))
         },
     }
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
 
 
 def _dict_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:

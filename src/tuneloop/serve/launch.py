@@ -1,98 +1,172 @@
-"""Choosing and building the serving engine from the config and the models to serve."""
+"""Building the gateway from the config: the engine (chosen and started per `serve`), the models it serves (resolved
+through the registry), the A/B router, the stores under the workspace, and running it until signalled."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import LoopConfig
+from tuneloop.config import EngineName, LoopConfig, ServeConfig
+from tuneloop.device import has_gpu
 from tuneloop.errors import TuneloopError
-from tuneloop.evaluate.refs import resolve_model_ref
-from tuneloop.models import materialize, resolve_base
+from tuneloop.keys import zero_lora_key
+from tuneloop.models import configured_base, materialize, max_context
+from tuneloop.registry.refs import resolve_model_ref
 from tuneloop.serve.engines.base import Engine
-from tuneloop.workspace import Workspace, tree_sha256
+from tuneloop.workspace import Workspace
 
 log = logging.getLogger("tuneloop.serve")
 
 
-def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str], engine: str) -> Engine:
+@dataclass
+class Gateway:
+    """A built gateway: the ASGI app and what it serves, ready for `run_until_signalled`."""
+
+    app: Any
+    engine: Engine
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def build_gateway(
+    config: LoopConfig,
+    workspace: Workspace,
+    models: list[str] | None = None,
+    engine: EngineName | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> Gateway:
+    """`tuneloop serve`: the gateway for `config.serve`, with `models` (default `serve.models`) and every A/B
+    variant served beside the base; `engine`, `host`, `port` override the config."""
+    from tuneloop.serve.gateway.app import create_app
+    from tuneloop.serve.gateway.batches import BatchStore
+    from tuneloop.serve.gateway.feedback import FeedbackStore
+    from tuneloop.serve.gateway.routing import Router
+
+    settings = config.serve
+    variants = [variant for route in settings.routes.values() for variant in route.variants]
+    wanted = [ref for ref in dict.fromkeys([*(models or settings.models), *variants]) if ref != config.model.base]
+    chosen = engine or settings.engine
+    engine_instance = build_engine(config, workspace, [] if chosen == "remote" else wanted, chosen)
+    files = workspace.serve
+    app = create_app(
+        engine_instance,
+        settings,
+        api_keys=settings.api_keys + [key for key in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if key],
+        context_limit=_context_limit(config, workspace) if chosen != "remote" else settings.max_model_len,
+        router=Router(settings.routes, seed=config.project.seed),
+        feedback_store=FeedbackStore(files.feedback),
+        batch_store=BatchStore(files.root),
+        workspace=workspace,
+        registry=_registry_opener(config, workspace),
+    )
+    return Gateway(app, engine_instance, host or settings.host, port or settings.port)
+
+
+def _registry_opener(config: LoopConfig, workspace: Workspace) -> Any:
+    """Opens the model registry once, on first use (the dashboard, the eval gauges on /metrics)."""
+
+    @functools.cache
+    def open_registry() -> Any:
+        from tuneloop.registry.store import Registry  # MLflow is imported only when needed
+
+        return Registry(config, workspace)
+
+    return open_registry
+
+
+def _context_limit(config: LoopConfig, workspace: Workspace) -> int:
+    """`serve.max_model_len`, capped at the base model's own maximum."""
+    base = configured_base(config, workspace)
+    own = max_context(materialize(base)) if base.kind != "hub" else None
+    return min(config.serve.max_model_len, own) if own else config.serve.max_model_len
+
+
+def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str], engine: EngineName) -> Engine:
+    settings = config.serve
     if engine == "remote":
         from tuneloop.serve.engines.remote import RemoteEngine
 
-        return RemoteEngine(config.serve.remote_urls, config.serve.remote_api_key)
+        return RemoteEngine(settings.remote_urls, settings.remote_api_key)
     from tuneloop.serve.engines.llamacpp import default_llama_server
     from tuneloop.serve.engines.vllm import default_vllm_python
 
-    serve = config.serve
-    vllm_python = Path(serve.vllm_python) if serve.vllm_python else default_vllm_python()
-    llama_server = Path(serve.llamacpp_server) if serve.llamacpp_server else default_llama_server()
+    vllm_python = Path(settings.vllm_python) if settings.vllm_python else default_vllm_python()
+    llama_server = Path(settings.llamacpp_server) if settings.llamacpp_server else default_llama_server()
     if engine == "auto":
         engine = choose_engine(vllm_python, llama_server, model_refs)
         log.info("engine auto: chose %s", engine)
     if engine == "llamacpp" and any(ref.endswith(".gguf") for ref in model_refs):
-        return _merged_gguf_engine(config, workspace, model_refs, llama_server)
-    base_folder = materialize(resolve_base(config.base_model_spec(), workspace))
+        return _merged_gguf_engine(settings, workspace, model_refs, llama_server)
+    base_folder = materialize(configured_base(config, workspace))
+    adapters = _adapters(config, workspace, model_refs, base_folder)
+    context = _context_limit(config, workspace)
+    if engine == "vllm":
+        from tuneloop.serve.engines.vllm import VllmEngine
+
+        return VllmEngine(
+            settings,
+            config.model.base,
+            base_folder,
+            adapters,
+            python=vllm_python,
+            max_model_len=context,
+            log_file=workspace.serve.engine_log("vllm"),
+            zero_lora_dir=workspace.zero_lora_cache(zero_lora_key(next(iter(adapters.values())))) if adapters else None,
+        )
+    if engine == "llamacpp":
+        from tuneloop.serve.engines.llamacpp import LlamaCppEngine, gguf_for_adapter, gguf_for_base
+
+        return LlamaCppEngine(
+            settings,
+            config.model.base,
+            gguf_for_base(base_folder, workspace, settings.llamacpp_quant),
+            {name: gguf_for_adapter(base_folder, adapter, workspace) for name, adapter in adapters.items()},
+            _llama_server_or_error(llama_server),
+            max_model_len=context,
+            log_file=workspace.serve.engine_log("llamacpp"),
+        )
+    from tuneloop.device import resolve_precision
+    from tuneloop.serve.engines.transformers_engine import TransformersEngine
+
+    dtype = resolve_precision(settings.precision).torch_dtype
+    return TransformersEngine(
+        settings, config.model.base, base_folder, adapters, dtype, trust_remote_code=config.model.trust_remote_code
+    )
+
+
+def _adapters(config: LoopConfig, workspace: Workspace, refs: list[str], base_folder: Path) -> dict[str, Path]:
+    """Served name -> adapter folder; every adapter must sit on the served base."""
     adapters = {}
-    for ref in model_refs:
+    for ref in refs:
         spec = resolve_model_ref(ref, config, workspace)
         if spec.adapter is None:
             raise TuneloopError(f"{ref} is a full model; the engines serve adapters on one base")
         if spec.base_folder.resolve() != base_folder.resolve():
             raise TuneloopError(f"{ref} was trained on {spec.base_folder}, not on the served base {base_folder}")
         adapters[ref] = spec.adapter
-    if engine == "vllm":
-        from tuneloop.serve.engines.vllm import VllmEngine
-
-        return VllmEngine(
-            config.model.base,
-            base_folder,
-            adapters,
-            python=vllm_python,
-            kv_cache_gib=serve.vllm_kv_cache_gib,
-            dtype={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[serve.precision],
-            log_file=workspace.root / "serve" / "vllm.log",
-            zero_lora_dir=workspace.cache / "vllm-zero-lora" / tree_sha256(next(iter(adapters.values())))[:16]
-            if adapters
-            else None,
-        )
-    if engine == "llamacpp":
-        from tuneloop.serve.engines.llamacpp import LlamaCppEngine, gguf_for_adapter, gguf_for_base
-
-        return LlamaCppEngine(
-            config.model.base,
-            gguf_for_base(base_folder, workspace, serve.llamacpp_quant),
-            {name: gguf_for_adapter(base_folder, adapter, workspace) for name, adapter in adapters.items()},
-            _llama_server_or_error(llama_server),
-            parallel=serve.llamacpp_parallel,
-            threads=serve.llamacpp_threads,
-            log_file=workspace.root / "serve" / "llamacpp.log",
-        )
-    from tuneloop.serve.engines.transformers_engine import TransformersEngine
-    from tuneloop.train.device import resolve_precision
-
-    return TransformersEngine(
-        config.model.base,
-        base_folder,
-        adapters,
-        resolve_precision(serve.precision).torch_dtype,
-        max_batch_size=serve.max_batch_size,
-    )
+    return adapters
 
 
-def choose_engine(vllm_python: Path, llama_server: Path | None, model_refs: list[str]) -> str:
+def choose_engine(vllm_python: Path, llama_server: Path | None, model_refs: list[str]) -> EngineName:
     """`auto`: the fastest engine installed. On a CPU llama.cpp first: measured here (docs/benchmarks.md) it gives 2.6x
     vLLM's tokens/s to one user, more at 8 users with lower TTFT, and ~84% of vLLM's at 32 users; it also has no
     mixed-LoRA-batch bug to work around. On a GPU machine vLLM comes first. A GGUF file needs llama.cpp."""
-    from tuneloop.train.device import has_cuda
-
     llama_ok = llama_server is not None and llama_server.exists()
     if any(ref.endswith(".gguf") for ref in model_refs):
         return "llamacpp"
-    order = ["vllm", "llamacpp"] if has_cuda() else ["llamacpp", "vllm"]
+    order: list[EngineName] = ["vllm", "llamacpp"] if has_gpu() else ["llamacpp", "vllm"]
     available = {"vllm": vllm_python.exists(), "llamacpp": llama_ok}
     return next((name for name in order if available[name]), "transformers")
 
@@ -106,7 +180,7 @@ def _llama_server_or_error(llama_server: Path | None) -> Path:
     return llama_server
 
 
-def _merged_gguf_engine(config: LoopConfig, workspace: Workspace, refs: list[str], server: Path | None) -> Engine:
+def _merged_gguf_engine(settings: ServeConfig, workspace: Workspace, refs: list[str], server: Path | None) -> Engine:
     """One merged GGUF export (`tuneloop export --format gguf`), served under the name clients give it."""
     from tuneloop.serve.engines.llamacpp import LlamaCppEngine
 
@@ -116,17 +190,17 @@ def _merged_gguf_engine(config: LoopConfig, workspace: Workspace, refs: list[str
     if not path.is_file():
         raise TuneloopError(f"no GGUF file at {path}")
     return LlamaCppEngine(
+        settings,
         refs[0],
         path,
         {},
         _llama_server_or_error(server),
-        parallel=config.serve.llamacpp_parallel,
-        threads=config.serve.llamacpp_threads,
-        log_file=workspace.root / "serve" / "llamacpp.log",
+        max_model_len=settings.max_model_len,
+        log_file=workspace.serve.engine_log("llamacpp"),
     )
 
 
-def run_until_signalled(application: Any, host: str, port: int) -> None:
+def run_until_signalled(gateway: Gateway) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, finish in-flight requests (30 s at most) and return, so the
     process exits 0. (uvicorn's own handlers re-raise the signal after draining, which makes the exit status -15.)"""
     import uvicorn
@@ -147,4 +221,7 @@ def run_until_signalled(application: Any, host: str, port: int) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    Server(uvicorn.Config(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)).run()
+    config = uvicorn.Config(
+        gateway.app, host=gateway.host, port=gateway.port, log_level="warning", timeout_graceful_shutdown=30
+    )
+    Server(config).run()

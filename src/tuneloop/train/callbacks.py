@@ -1,16 +1,17 @@
-"""Trainer callbacks: a rich progress bar (loss, tokens/s, ETA), throughput/memory metrics in the logs, crash
-injection for tests, and Optuna pruning."""
+"""Trainer callbacks: a rich progress bar (loss, tokens/s, ETA), throughput/memory metrics in the logs, and MLflow
+logging. (Optuna pruning is the sweep's own callback, in sweep.py.)"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-from tuneloop.train.device import peak_memory_mb
+from tuneloop.device import peak_memory_mb
 from tuneloop.train.inputs import TokenCounter
 
 
@@ -132,12 +133,22 @@ class RichProgressCallback(TrainerCallback):
             self.progress = None
 
 
-class CrashAtStep(TrainerCallback):
-    """Raises after a given optimizer step: how tests (and `tuneloop run`'s fault injection) simulate a crash."""
+class MlflowCallback(TrainerCallback):
+    """Logs every Trainer log entry into the run's MLflow run, from the main process only."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, tracker: Any, mlflow_run_id: str) -> None:
+        self.tracker = tracker
+        self.run_id = mlflow_run_id
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step >= self.step:
-            raise RuntimeError(f"injected crash after step {state.global_step}")
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        numbers = {k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        self.tracker.log_metrics(self.run_id, numbers, step=state.global_step)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step=step)
+
+    def finish(self, artifacts: list[Path] | None = None, status: str = "FINISHED") -> None:
+        self.tracker.log_artifacts(self.run_id, artifacts or [])
+        self.tracker.finish_run(self.run_id, status=status)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tuneloop.artifacts.dataset import PreparedDataset
 from tuneloop.data.collate import collate_packed, collate_padded
-from tuneloop.data.prepare import PreparedDataset
 
 
 @dataclass
@@ -33,6 +33,6 @@ class CountingCollator:
 def load_splits(prepared: PreparedDataset) -> tuple[Any, Any | None]:
     from datasets import Dataset
 
-    train = Dataset.from_parquet(str(prepared.path / "train.parquet"))
-    val = Dataset.from_parquet(str(prepared.path / "val.parquet")) if prepared.manifest["counts"]["val_rows"] else None
+    train = Dataset.from_parquet(str(prepared.paths.parquet("train")))
+    val = Dataset.from_parquet(str(prepared.paths.parquet("val"))) if prepared.has_validation else None
     return train, val

@@ -27,15 +27,6 @@ class MemoryEstimate:
     def total_mb(self) -> float:
         return self.weights_mb + self.trainable_state_mb + self.activations_mb + self.overhead_mb
 
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "weights_mb": round(self.weights_mb),
-            "trainable_state_mb": round(self.trainable_state_mb),
-            "activations_mb": round(self.activations_mb),
-            "overhead_mb": round(self.overhead_mb),
-            "total_mb": round(self.total_mb),
-        }
-
 
 def estimate_memory(
     model_config: Any, method: str, lora_r: int, batch_size: int, seq_len: int, precision: str, checkpointing: bool

@@ -1,75 +1,96 @@
-"""Run identity and bookkeeping (`runs/<run_id>/run.json`): which run a `--resume` continues."""
+"""Run bookkeeping: which run a `--resume` continues, which finished run `tuneloop run` reuses, and the run record.
+
+A run is identified by `keys.run_key` (train config, base weights, dataset); its record (`RunRecord`, run.json) is
+written before training starts, so a crashed run can be found and resumed.
+"""
 
 from __future__ import annotations
 
-import json
-import re
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from tuneloop.workspace import Workspace, fingerprint
+from rich.console import Console
 
-RECORD = "run.json"
-
-
-@dataclass
-class RunRecord:
-    run_id: str
-    key: str  # fingerprint of what defines the run: train config, base model, dataset
-    status: str  # "running" | "failed" | "finished"
-    dataset_id: str
-    created_at: str
-    mlflow_run_id: str | None = None
-    attempts: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        temporary = run_dir / f".{RECORD}.tmp"
-        temporary.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        temporary.replace(run_dir / RECORD)
-
-    @classmethod
-    def load(cls, run_dir: Path) -> RunRecord:
-        return cls(**json.loads((run_dir / RECORD).read_text(encoding="utf-8")))
+from tuneloop.artifacts.training import RunRecord, TrainResult
+from tuneloop.config import LoopConfig
+from tuneloop.keys import new_run_id, run_key
+from tuneloop.models import base_weights_fingerprint, configured_base
+from tuneloop.workspace import RunPaths, Workspace
 
 
-def run_key(train_section: dict[str, Any], base_model: str, dataset_id: str) -> str:
-    return fingerprint({key: value for key, value in train_section.items() if key != "sweep"}, base_model, dataset_id)
+def run_key_for(config: LoopConfig, workspace: Workspace, dataset_id: str) -> str:
+    """The run key of `config` on a prepared dataset (resolves the base model and hashes its weights)."""
+    return run_key(config, base_weights_fingerprint(configured_base(config, workspace)), dataset_id)
 
 
-def new_run_id(project: str, key: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", project.lower()).strip("-")[:40] or "run"
-    return f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
+def open_run(
+    config: LoopConfig,
+    workspace: Workspace,
+    base_weights: str,
+    dataset_id: str,
+    resume: bool,
+    run_id: str | None,
+    console: Console,
+) -> tuple[RunRecord, Path | None]:
+    """The run to train into and the checkpoint to resume from: the named run, the newest resumable run with the
+    same key (`resume`), or a new run."""
+    key = run_key(config, base_weights, dataset_id)
+    if run_id is not None and workspace.run(run_id).record.exists():
+        paths = workspace.run(run_id)
+        record = RunRecord.load(paths.record)
+        checkpoint = last_checkpoint(paths) if resume else None
+        if checkpoint is not None:
+            record.attempts += 1
+            record.status = "running"
+        return record, checkpoint
+    if resume and run_id is None:
+        found = find_resumable(workspace, key)
+        if found is not None:
+            found.attempts += 1
+            found.status = "running"
+            return found, last_checkpoint(workspace.run(found.run_id))
+        console.print(
+            "[yellow]nothing to resume for this config (no unfinished run with a checkpoint); starting a new run[/]"
+        )
+    record = RunRecord(
+        run_id=run_id or new_run_id(config.project.name, key),
+        key=key,
+        status="running",
+        dataset_id=dataset_id,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    return record, None
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
+def last_checkpoint(paths: RunPaths) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    checkpoints = run_dir / "checkpoints"
-    if not checkpoints.is_dir():
+    if not paths.checkpoints.is_dir():
         return None
-    found = get_last_checkpoint(str(checkpoints))
+    found = get_last_checkpoint(str(paths.checkpoints))
     return Path(found) if found else None
+
+
+def _records(workspace: Workspace) -> list[RunRecord]:
+    return [RunRecord.load(workspace.run(run_id).record) for run_id in workspace.run_ids()]
 
 
 def find_resumable(workspace: Workspace, key: str) -> RunRecord | None:
     """The newest unfinished run with the same key that has a checkpoint."""
-    candidates = []
-    for record_path in workspace.runs.glob(f"*/{RECORD}"):
-        record = RunRecord.load(record_path.parent)
-        if record.key == key and record.status != "finished" and last_checkpoint(record_path.parent) is not None:
-            candidates.append(record)
+    candidates = [
+        record
+        for record in _records(workspace)
+        if record.key == key and record.status != "finished" and last_checkpoint(workspace.run(record.run_id))
+    ]
     return max(candidates, key=lambda record: record.created_at, default=None)
 
 
-def find_finished(workspace: Workspace, key: str) -> RunRecord | None:
-    """The newest finished run with the same key (its results can be reused as they are)."""
-    candidates = []
-    for record_path in workspace.runs.glob(f"*/{RECORD}"):
-        record = RunRecord.load(record_path.parent)
-        if record.key == key and record.status == "finished" and (record_path.parent / "summary.json").exists():
-            candidates.append(record)
-    return max(candidates, key=lambda record: record.created_at, default=None)
+def find_finished(workspace: Workspace, key: str) -> TrainResult | None:
+    """The result of the newest finished run with the same key (reused as it is)."""
+    candidates = [
+        record
+        for record in _records(workspace)
+        if record.key == key and record.status == "finished" and workspace.run(record.run_id).summary.exists()
+    ]
+    newest = max(candidates, key=lambda record: record.created_at, default=None)
+    return TrainResult.load(workspace.run(newest.run_id).summary) if newest else None

@@ -13,11 +13,14 @@ from typing import Any
 from rich.console import Console
 from transformers import TrainerCallback
 
+from tuneloop.artifacts.training import RunRecord
 from tuneloop.config import LoopConfig
 from tuneloop.config_file import apply_override, validate_config
 from tuneloop.errors import ConfigError
+from tuneloop.keys import fingerprint, new_run_id, sweep_study
+from tuneloop.models import base_weights_fingerprint, configured_base
 from tuneloop.train.recipe import train_model
-from tuneloop.workspace import Workspace, fingerprint
+from tuneloop.workspace import Workspace
 
 
 class OptunaPruningCallback(TrainerCallback):
@@ -60,17 +63,13 @@ def run_sweep(config: LoopConfig, workspace: Workspace, trials: int, console: Co
         )
     middle = {key: (spec.choices[0] if spec.choices else spec.low) for key, spec in space.items()}
     trial_config(config, middle)  # every searched key must be a valid train key: fail before the first trial
-    train_section = {key: value for key, value in config.section_dump("train").items() if key != "sweep"}
-    study_name = (
-        f"{config.project.name}-{fingerprint(train_section, config.section_dump('data'), config.model.base)[:8]}"
-    )
-    sweeps_dir = workspace.root / "sweeps"
-    sweeps_dir.mkdir(parents=True, exist_ok=True)
+    study_name = sweep_study(config, base_weights_fingerprint(configured_base(config, workspace)))
+    workspace.ensure(workspace.sweeps)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if config.train.sweep.prune else optuna.pruners.NopPruner()
     study = optuna.create_study(
         study_name=study_name,
-        storage=f"sqlite:///{workspace.root / 'sweeps.db'}",
+        storage=f"sqlite:///{workspace.sweeps_db}",
         direction="minimize",
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=config.train.seed),
@@ -87,10 +86,19 @@ def run_sweep(config: LoopConfig, workspace: Workspace, trials: int, console: Co
             else:
                 values[key] = trial.suggest_float(key, float(spec.low or 0), float(spec.high or 0), log=spec.log)
         console.print(f"[bold]trial {trial.number}[/]: {values}")
-        result = train_model(
-            trial_config(config, values), workspace, callbacks=[OptunaPruningCallback(trial)], console=console
-        )
-        trial.set_user_attr("run_id", result.run_id)
+        run_id = new_run_id(config.project.name, fingerprint(study_name, trial.number))
+        trial.set_user_attr("run_id", run_id)
+        try:
+            result = train_model(
+                trial_config(config, values),
+                workspace,
+                run_id=run_id,
+                callbacks=[OptunaPruningCallback(trial)],
+                console=console,
+            )
+        except optuna.TrialPruned:
+            _label_pruned(workspace, run_id, config)
+            raise
         trial.set_user_attr("mlflow_run_id", result.mlflow_run_id)
         return result.eval_loss if result.eval_loss is not None else float(result.train_loss or "inf")
 
@@ -99,7 +107,7 @@ def run_sweep(config: LoopConfig, workspace: Workspace, trials: int, console: Co
     best = study.best_trial if finished else None
     outcome = {
         "study": study_name,
-        "storage": str(workspace.root / "sweeps.db"),
+        "storage": str(workspace.sweeps_db),
         "best_trial": best.number if best else None,
         "best_value": best.value if best else None,
         "best_params": best.params if best else None,
@@ -116,10 +124,26 @@ def run_sweep(config: LoopConfig, workspace: Workspace, trials: int, console: Co
             for trial in study.trials
         ],
     }
-    (sweeps_dir / f"{study_name}.json").write_text(json.dumps(outcome, indent=2), encoding="utf-8")
+    workspace.sweep_summary(study_name).write_text(json.dumps(outcome, indent=2), encoding="utf-8")
     if best and best.user_attrs.get("mlflow_run_id") and "mlflow" in config.train.report_to:
-        from tuneloop.train.tracking import setup_mlflow
+        from tuneloop.tracking import Tracker
 
-        client, _ = setup_mlflow(workspace, config.registry.tracking_uri, config.project.name)
-        client.set_tag(best.user_attrs["mlflow_run_id"], "tuneloop.sweep_best", "true")
+        tracker = Tracker.open(workspace, config.registry.tracking_uri, config.project.name)
+        tracker.set_tags(best.user_attrs["mlflow_run_id"], {"tuneloop.sweep_best": "true"})
     return outcome
+
+
+def _label_pruned(workspace: Workspace, run_id: str, config: LoopConfig) -> None:
+    """The recipe marks any interrupted run `failed`; a trial Optuna pruned is `pruned` (KILLED in MLflow)."""
+    paths = workspace.run(run_id)
+    if not paths.record.exists():
+        return
+    record = RunRecord.load(paths.record)
+    record.status = "pruned"
+    record.save(paths.record)
+    if record.mlflow_run_id and "mlflow" in config.train.report_to:
+        from tuneloop.tracking import Tracker
+
+        Tracker.open(workspace, config.registry.tracking_uri, config.project.name).finish_run(
+            record.mlflow_run_id, status="KILLED"
+        )

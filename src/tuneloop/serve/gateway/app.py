@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from tuneloop.config import ServeConfig
 from tuneloop.serve.engines.base import Engine
 from tuneloop.serve.gateway.batches import BatchStore
 from tuneloop.serve.gateway.errors import install_error_handlers
@@ -29,21 +30,25 @@ log = logging.getLogger("tuneloop.gateway")
 
 def create_app(
     engine: Engine,
+    settings: ServeConfig,
+    *,
     api_keys: list[str] | None = None,
-    max_request_bytes: int = 1_000_000,
-    max_tokens_limit: int = 2048,
-    context_limit: int = 8192,
+    context_limit: int | None = None,
     router: Router | None = None,
     feedback_store: FeedbackStore | None = None,
-    rate_limit_per_minute: int | None = None,
     batch_store: BatchStore | None = None,
     workspace: Workspace | None = None,
     registry: Callable[[], Any] | None = None,
 ) -> FastAPI:
+    """The gateway over `engine`, bounded by `settings` (request size, max_tokens, rate limit); `api_keys` default to
+    `settings.api_keys`, `context_limit` to `settings.max_model_len`. Without stores, feedback is kept in memory and
+    the Files/Batches API answers 404."""
     router = router or Router({})
     feedback_store = feedback_store or FeedbackStore(None)
     metrics = GatewayMetrics()
-    serving = CompletionServing(engine, router, feedback_store, metrics, max_tokens_limit, context_limit)
+    serving = CompletionServing(
+        engine, router, feedback_store, metrics, settings.max_tokens, context_limit or settings.max_model_len
+    )
     state = GatewayState(engine, router, feedback_store, metrics, serving, batch_store, workspace, registry)
     if workspace is not None:
         from prometheus_client import CollectorRegistry
@@ -54,7 +59,7 @@ def create_app(
         # dashboard's serving statistics (read from metrics.registry) do not.
         state.training_metrics = CollectorRegistry(auto_describe=False)
         state.training_metrics.register(TrainingCollector(workspace, registry))
-    limiter = RateLimiter(rate_limit_per_minute)
+    limiter = RateLimiter(settings.rate_limit_per_minute)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -72,9 +77,8 @@ def create_app(
     app.state.gateway = state
     install_error_handlers(app)
 
-    app.add_middleware(
-        GuardMiddleware, api_keys=set(api_keys or ()), limiter=limiter, max_request_bytes=max_request_bytes
-    )
+    keys = set(settings.api_keys if api_keys is None else api_keys)
+    app.add_middleware(GuardMiddleware, api_keys=keys, limiter=limiter, max_request_bytes=settings.max_request_bytes)
     for module in (completions, files, feedback, health, dashboard):
         app.include_router(module.router)
     return app

@@ -1,10 +1,13 @@
-"""What the machine can do: precision, threads, memory. Chosen at run time; importing needs no GPU library."""
+"""What the machine can do: GPU or not, precision, memory. Chosen at run time; importing needs no GPU library.
+
+A shared service: training, evaluation and serving all ask here, so `auto` means the same thing in every stage."""
 
 from __future__ import annotations
 
 import resource
 import sys
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 
@@ -20,10 +23,14 @@ class Precision:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
 
 
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+@cache
+def has_gpu() -> bool:
+    """A CUDA device torch can use. The one GPU check of tuneloop (engines, launchers and precision all ask it)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -42,7 +49,7 @@ def resolve_precision(requested: str) -> Precision:
 
     if requested != "auto":
         return Precision(requested, "set in the config")
-    if has_cuda():
+    if has_gpu():
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", "CUDA device with bf16 support")
         return Precision("fp16", "CUDA device without bf16")
@@ -53,7 +60,7 @@ def resolve_precision(requested: str) -> Precision:
 
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (CPU) or peak allocated GPU memory, in MiB."""
-    if has_cuda():
+    if has_gpu():
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
@@ -62,7 +69,7 @@ def peak_memory_mb() -> float:
 
 
 def available_memory_mb() -> float:
-    if has_cuda():
+    if has_gpu():
         import torch
 
         free, _ = torch.cuda.mem_get_info()

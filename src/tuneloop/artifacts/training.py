@@ -1,0 +1,58 @@
+"""A training run's two files: the run record (written from the start) and the result (written when it finished)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tuneloop.artifacts._json import JsonArtifact
+
+RunStatus = Literal["running", "failed", "pruned", "finished"]
+
+
+class RunRecord(JsonArtifact):
+    """`run.json`: which run a `--resume` continues, and its MLflow run (so a resumed run logs into the same one)."""
+
+    run_id: str
+    key: str = Field(description="`keys.run_key`: train config, base weights, dataset.")
+    status: RunStatus
+    dataset_id: str
+    created_at: str
+    mlflow_run_id: str | None = None
+    attempts: int = 1
+
+
+class TrainResult(JsonArtifact):
+    """`summary.json`: what a finished run produced and how it went."""
+
+    run_id: str
+    run_dir: str
+    method: str
+    adapter_path: str | None = Field(description="The PEFT adapter folder (LoRA/QLoRA).")
+    model_path: str | None = Field(description="The full model folder (full fine-tuning).")
+    base_model: str = Field(description="`model.base` resolved against the config file's folder.")
+    base_weights_sha256: str = Field(description="Content hash of the base weights the run started from.")
+    train_loss: float | None
+    eval_loss: float | None
+    steps: int
+    tokens: int = Field(description="Real (non-padding) training tokens, summed over processes.")
+    tokens_per_second: float
+    peak_memory_mb: float
+    wall_seconds: float
+    mlflow_run_id: str | None
+    dataset_id: str
+    precision: str
+    quantization: str | None
+    resumed_from: str | None
+    memory_estimate_mb: float
+    model_memory_mb: float
+
+    @property
+    def output(self) -> Path:
+        """The adapter folder, or the full model's."""
+        return Path(self.adapter_path or self.model_path or "")
+
+    def summary(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,144 @@
+"""Step identity: the one module that decides which inputs name each cached step, and so what a change invalidates.
+
+| step                 | key                | made of                                                                  |
+|----------------------|--------------------|--------------------------------------------------------------------------|
+| data prepare         | `dataset_key`      | source file contents, `data` section (paths left out), tokenizer identity |
+| train                | `run_key`          | `train` section (without `sweep`), base weights content, dataset id      |
+| eval (`tuneloop run`) | `eval_key`         | run id, `eval` section, dataset id                                       |
+| sweep study          | `sweep_study`      | project name + `train` (without `sweep`), `data`, base weights           |
+| GGUF of a base       | `gguf_base_key`    | base folder weights (name, size, mtime), quantisation type               |
+| GGUF of an adapter   | `gguf_adapter_key` | adapter folder content                                                   |
+| vLLM zero-LoRA       | `zero_lora_key`    | the template adapter's content                                           |
+| converted GGUF base  | `gguf_cache_name`  | the GGUF file's resolved path                                            |
+
+Anything not named here (project name, registry, serve, eval settings for training) does not invalidate a step;
+tests/test_keys.py states the whole table. Paths never enter a key on their own: a relative `model.base` is resolved
+against the config file's folder first and then identified by its weights, so two configs whose `./model` are
+different models get different keys, and new weights at the same path retrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import LoopConfig
+
+# Bump when the prepared dataset's content or layout changes, so old caches are not reused.
+DATASET_PIPELINE_VERSION = 1
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable sha256 over JSON-able parts (dict keys sorted)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_sha256(path: Path) -> str:
+    """Content hash of a file, or of every file under a folder (relative names included).
+
+    Memoised per process by each file's size and modification time: hashing a base model's weights (hundreds of
+    MB) once per command is enough."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in files)
+    return _tree_sha256(path.resolve(), path.is_file(), stats)
+
+
+@cache
+def _tree_sha256(path: Path, is_file: bool, stats: tuple[tuple[str, int, int], ...]) -> str:
+    if is_file:
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for name, _, _ in stats:
+        file = Path(name)
+        digest.update(str(file.relative_to(path)).encode("utf-8"))
+        digest.update(file_sha256(file).encode("ascii"))
+    return digest.hexdigest()
+
+
+# -- pipeline steps ----------------------------------------------------------------------------------------------------
+def dataset_inputs(config: LoopConfig, source_hashes: list[str], tokenizer_identity: str) -> dict[str, Any]:
+    """What names a prepared dataset. Source paths are left out (their content is in), so moving a file keeps the
+    cache; the tokenizer's identity covers `model.base` and `model.chat_template` as far as they change tokens."""
+    data = config.section_dump("data")
+    for source in data["sources"]:
+        source.pop("path")
+    return {
+        "pipeline_version": DATASET_PIPELINE_VERSION,
+        "sources": source_hashes,
+        "data": data,
+        "tokenizer": tokenizer_identity,
+    }
+
+
+def dataset_key(inputs: dict[str, Any]) -> str:
+    """The dataset id from `dataset_inputs(...)`."""
+    return "ds-" + fingerprint(inputs)[:12]
+
+
+def run_key(config: LoopConfig, base_weights: str, dataset_id: str) -> str:
+    """What names a training run: `--resume` continues, and `tuneloop run` reuses, only a run with this key.
+    `base_weights` is `models.base_weights_fingerprint` of the resolved base model."""
+    return fingerprint(_train_without_sweep(config), base_weights, dataset_id)
+
+
+def eval_key(run_id: str, config: LoopConfig, dataset_id: str) -> str:
+    """What names `tuneloop run`'s evaluation of a run."""
+    return fingerprint(run_id, config.section_dump("eval"), dataset_id)
+
+
+def sweep_study(config: LoopConfig, base_weights: str) -> str:
+    """The Optuna study of a sweep: running the same sweep again extends it."""
+    key = fingerprint(_train_without_sweep(config), config.section_dump("data"), base_weights)
+    return f"{_slug(config.project.name)}-{key[:8]}"
+
+
+def new_run_id(project: str, key: str) -> str:
+    """A readable, sortable run id: project slug, time, and the head of the run key."""
+    return f"{_slug(project)[:40] or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
+
+
+# -- conversions and caches -----------------------------------------------------------------------------------------
+def gguf_cache_name(gguf_path: Path) -> str:
+    """The workspace folder a `.gguf` base model is converted into."""
+    return f"gguf-{gguf_path.stem[:40]}-{fingerprint(str(gguf_path.resolve()))[:10]}"
+
+
+def gguf_base_key(base_folder: Path, quant: str) -> str:
+    """A base model converted to GGUF for llama.cpp. Weights are identified by name, size and modification time
+    (hashing them would cost seconds on every `tuneloop serve`)."""
+    weights = sorted(base_folder.glob("*.safetensors"))
+    stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in weights]
+    return f"base-{fingerprint(str(base_folder.resolve()), stats, quant)[:16]}"
+
+
+def gguf_adapter_key(adapter: Path) -> str:
+    return f"lora-{tree_sha256(adapter)[:16]}"
+
+
+def zero_lora_key(template_adapter: Path) -> str:
+    return tree_sha256(template_adapter)[:16]
+
+
+def _train_without_sweep(config: LoopConfig) -> dict[str, Any]:
+    return {key: value for key, value in config.section_dump("train").items() if key != "sweep"}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")

@@ -1,0 +1,46 @@
+"""One process of a multi-process run: `python -m tuneloop.train.worker -c CONFIG --run-id ID --workspace DIR`.
+
+`tuneloop train --nproc N` (launch.py) prepares the data, converts the base model and picks the run id, then has
+Accelerate start N of these; each runs the same recipe and Transformers' Trainer does DDP (gloo on CPU, NCCL on GPUs).
+Only rank 0 writes the run record, MLflow and the summary; the launcher prints the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from tuneloop.config_file import load_config
+from tuneloop.errors import TuneloopError
+from tuneloop.train.recipe import describe_failure, train_model
+from tuneloop.workspace import Workspace
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuneloop.train.worker", description=__doc__)
+    parser.add_argument("-c", "--config", type=Path, required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        config = load_config(args.config, args.overrides)
+        try:
+            train_model(config, Workspace(args.workspace), resume=args.resume, run_id=args.run_id, console=console)
+        except (TuneloopError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            raise describe_failure(error) from error
+    except TuneloopError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
