@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
 from tuneloop.config import ServeConfig
 from tuneloop.serve.engines.transformers_engine import TransformersEngine
 from tuneloop.serve.gateway.app import create_app
+from tuneloop.workspace import Workspace
 
 
 def test_rate_limit_per_key_and_batch(tiny_model_dir: Path) -> None:
@@ -87,7 +89,7 @@ def test_batch_jobs_survive_a_restart(tiny_model_dir: Path, tmp_path: Path) -> N
 
     from tuneloop.serve.gateway.batches import BatchStore
 
-    store = BatchStore(tmp_path / "serve")
+    store = BatchStore(Workspace(tmp_path).serve)
     body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     lines = [{"custom_id": f"r{i}", "url": "/v1/chat/completions", "body": body} for i in range(4)]
     upload = store.add_file("in.jsonl", "batch", "".join(json.dumps(line) + "\n" for line in lines).encode())
@@ -99,7 +101,7 @@ def test_batch_jobs_survive_a_restart(tiny_model_dir: Path, tmp_path: Path) -> N
     app = create_app(
         TransformersEngine(ServeConfig(), str(tiny_model_dir), tiny_model_dir, {}, None),
         ServeConfig(),
-        batch_store=BatchStore(tmp_path / "serve"),
+        batch_store=BatchStore(Workspace(tmp_path).serve),
     )
     with TestClient(app) as client:
         deadline = time.time() + 60
@@ -140,3 +142,39 @@ def test_n_choices(tiny_model_dir: Path) -> None:
     assert [events[i]["choices"][0]["delta"]["role"] for i in range(3)] == ["assistant"] * 3
     assert finished == {0, 1, 2} and set(texts.values()) == {response["choices"][0]["message"]["content"]}
     assert events[-1]["choices"] == [] and events[-1]["usage"] == response["usage"]
+
+
+def test_default_max_tokens_fits_a_low_limit_and_zero_is_kept(tiny_model_dir: Path) -> None:
+    """No max_tokens: the default (256) is capped at serve.max_tokens instead of refused; 0 is not "unset"."""
+    settings = ServeConfig(max_tokens=16)
+    app = create_app(TransformersEngine(settings, str(tiny_model_dir), tiny_model_dir, {}, None), settings)
+    with TestClient(app) as client:
+        chat = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+        answer = client.post("/v1/chat/completions", json=chat)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] <= 16
+        scored = client.post(
+            "/v1/completions",
+            json={"model": str(tiny_model_dir), "prompt": "number 4", "max_tokens": 0, "echo": True, "logprobs": 0},
+        )
+        assert scored.status_code == 200, scored.text
+
+
+def test_an_engine_failing_mid_stream_ends_the_stream_with_an_error_event(tiny_model_dir: Path) -> None:
+    """After the headers went out, a failure can only be told in the stream (as vLLM does). The engine here is the
+    real in-process engine made to fail after its first chunk: a failure cannot be provoked on demand otherwise."""
+
+    class FailsMidStream(TransformersEngine):
+        async def _stream(self, request: Any) -> Any:
+            async for chunk in super()._stream(request):
+                yield chunk
+                raise RuntimeError("the engine lost its device")
+
+    engine = FailsMidStream(ServeConfig(), str(tiny_model_dir), tiny_model_dir, {}, None)
+    with TestClient(create_app(engine, ServeConfig())) as client:
+        body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json={**body, "max_tokens": 8}) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "lost its device" in error["message"] and error["type"] == "server_error"

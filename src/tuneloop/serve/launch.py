@@ -67,7 +67,7 @@ def build_gateway(
         context_limit=_context_limit(config, workspace) if chosen != "remote" else settings.max_model_len,
         router=Router(settings.routes, seed=config.project.seed),
         feedback_store=FeedbackStore(files.feedback),
-        batch_store=BatchStore(files.root),
+        batch_store=BatchStore(files),
         workspace=workspace,
         registry=_registry_opener(config, workspace),
     )

@@ -13,11 +13,14 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import TuneloopError
 from tuneloop.net import closed_before_response
 from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, ServedModel
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass
@@ -29,7 +32,8 @@ class Replica:
     served: int = 0
 
     def available(self, now: float) -> bool:
-        return self.open_until <= now
+        """Closed circuit; or, once the cooldown has passed (half-open), only while no probe is in flight."""
+        return self.open_until == 0.0 or (self.open_until <= now and self.in_flight == 0)
 
 
 class ReplicaFailed(Exception):
@@ -52,6 +56,7 @@ class RemoteEngine(Engine):
         cooldown: float = 10.0,
         timeout: float = 600.0,
         request_overrides: dict[str, dict[str, Any]] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not urls:
             raise TuneloopError("serve.engine=remote needs serve.remote_urls", hint="e.g. [http://127.0.0.1:8001/v1]")
@@ -64,6 +69,7 @@ class RemoteEngine(Engine):
         self.timeout = timeout
         # Per served model name, fields merged into its requests (llama-server selects a LoRA by `lora`, not `model`).
         self.request_overrides = request_overrides or {}
+        self.transport = transport  # None: the network; tests pass an httpx.MockTransport
         self._models: list[ServedModel] = []
         self._client: Any = None
 
@@ -87,7 +93,7 @@ class RemoteEngine(Engine):
     async def start(self) -> None:
         import httpx
 
-        self._client = httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
+        self._client = httpx.AsyncClient(timeout=self.timeout, headers=self.headers, transport=self.transport)
         errors = []
         for replica in self.replicas:
             try:

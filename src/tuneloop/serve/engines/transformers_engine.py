@@ -112,6 +112,7 @@ class TransformersEngine(Engine):
             prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             prompt_ids = tokenizer(request.prompt or "")["input_ids"]
+        _require_tokens(prompt_ids)
         job = _Job(request, list(prompt_ids), asyncio.get_running_loop(), asyncio.Queue())
         self._pending.put(job)
         while True:
@@ -132,6 +133,7 @@ class TransformersEngine(Engine):
 
         tokenizer = self.tokenizer
         prompt_ids = tokenizer(prompt)["input_ids"]
+        _require_tokens(prompt_ids)
         extra: dict[str, Any] = {}
         if self.adapters:
             extra["adapter_names"] = [BASE_ADAPTER if model == self.base_name else model]
@@ -303,6 +305,12 @@ class _BatchStreamer:
     def end(self) -> None:
         for job in self.batch:
             self.engine._finish(job)
+
+
+def _require_tokens(prompt_ids: list[int]) -> None:
+    """generate() cannot start from nothing (the gateway refuses empty prompts too; other callers may not)."""
+    if not prompt_ids:
+        raise TuneloopError("the prompt is empty: nothing to continue from")
 
 
 def _sampling(request: GenerationRequest) -> tuple[bool, float, float]:

@@ -7,20 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+from tuneloop.serve.gateway.protocol import BatchEndpoint, error_body
+from tuneloop.workspace import ServePaths
+
+log = logging.getLogger("tuneloop.gateway")
+
+BATCH_ENDPOINTS: tuple[str, ...] = get_args(BatchEndpoint)
 RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
 
 
 class BatchStore:
-    def __init__(self, root: Path, concurrency: int = 8) -> None:
-        self.files = root / "files"
-        self.jobs = root / "batches"
+    """Uploaded files and batch jobs under the workspace's `serve/` folder (`ServePaths`)."""
+
+    def __init__(self, paths: ServePaths, concurrency: int = 8) -> None:
+        self.files = paths.files
+        self.jobs = paths.batches
         self.files.mkdir(parents=True, exist_ok=True)
         self.jobs.mkdir(parents=True, exist_ok=True)
         self.concurrency = concurrency
@@ -43,12 +52,12 @@ class BatchStore:
         return meta
 
     def file(self, file_id: str) -> dict[str, Any] | None:
-        path = self.files / f"{_safe(file_id)}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        path = _stored(self.files, file_id, ".json")
+        return json.loads(path.read_text()) if path is not None else None
 
     def file_content(self, file_id: str) -> bytes | None:
-        path = self.files / f"{_safe(file_id)}.data"
-        return path.read_bytes() if path.exists() else None
+        path = _stored(self.files, file_id, ".data")
+        return path.read_bytes() if path is not None else None
 
     # -- jobs ---------------------------------------------------------------------------------------------------------
     def create(
@@ -79,8 +88,8 @@ class BatchStore:
         return job
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
-        path = self.jobs / f"{_safe(batch_id)}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        path = _stored(self.jobs, batch_id, ".json")
+        return json.loads(path.read_text()) if path is not None else None
 
     def all(self) -> list[dict[str, Any]]:
         return sorted((json.loads(p.read_text()) for p in self.jobs.glob("*.json")), key=lambda j: -j["created_at"])
@@ -98,14 +107,18 @@ class BatchStore:
     async def _run(self, batch_id: str, handler: Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]) -> None:
         job = self.get(batch_id)
         assert job is not None
-        lines = (self.file_content(job["input_file_id"]) or b"").decode("utf-8").splitlines()
+        # Bytes that are not UTF-8 become a line that is not JSON: the job fails naming it, instead of its task dying.
+        lines = (self.file_content(job["input_file_id"]) or b"").decode("utf-8", errors="replace").splitlines()
         requests = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
-                requests.append((str(item["custom_id"]), item.get("url", job["endpoint"]), item["body"]))
+                url, body = item.get("url", job["endpoint"]), item["body"]
+                if not isinstance(url, str) or not isinstance(body, dict):
+                    raise TypeError("`url` must be a string and `body` an object")
+                requests.append((str(item["custom_id"]), url, body))
             except (ValueError, KeyError, TypeError) as error:
                 job.update(
                     status="failed",
@@ -137,7 +150,11 @@ class BatchStore:
                 current = self.get(batch_id) or job
                 if current["status"] == "cancelling":
                     return
-                status, response = await handler(url, body)
+                try:
+                    status, response = await handler(url, body)
+                except Exception as error:  # one broken request must not stall the whole job in `in_progress`
+                    log.exception("batch %s: request %s failed", batch_id, custom_id)
+                    status, response = 500, error_body(f"{type(error).__name__}: {error}", "server_error")
                 record = {
                     "id": f"batch_req_{uuid.uuid4().hex[:24]}",
                     "custom_id": custom_id,
@@ -172,5 +189,10 @@ class BatchStore:
         temporary.replace(path)
 
 
-def _safe(identifier: str) -> str:
-    return "".join(ch for ch in identifier if ch.isalnum() or ch in "-_")
+def _stored(folder: Path, identifier: str, suffix: str) -> Path | None:
+    """The file of an id, or None when there is none. Ids are ours (`file-…`, `batch_…`): anything else — a path
+    separator, `..`, a name longer than the file system allows (an OSError, hence a 500) — names nothing."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", identifier):
+        return None
+    path = folder / f"{identifier}{suffix}"
+    return path if path.is_file() else None

@@ -51,8 +51,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+            reason = (first.get("ctx") or {}).get("error")
+            message = "the request body is not valid JSON" + (f": {reason}" if reason else "")
+            return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
         location = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        message = f"{location}: {first.get('msg', 'invalid request')}" if location else str(first.get("msg", error))
+        if not location and first.get("type") == "missing":
+            message = "the request needs a JSON body"
+        else:
+            message = f"{location}: {first.get('msg', 'invalid request')}" if location else str(first.get("msg", error))
         return JSONResponse(
             error_body(message, "invalid_request_error", "invalid_value", location or None), status_code=400
         )

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MIN_TEMPERATURE = 0.01
+
 
 class _Request(BaseModel):
     # Unknown OpenAI parameters are accepted and ignored, as OpenAI-compatible servers do.
@@ -19,11 +21,19 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
-    seed: int | None = None
+    # int64, as OpenAI's; engines seed with it (torch refuses anything outside 64 bits: a 500 before this bound).
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _usable_temperature(cls, value: float) -> float:
+        # Dividing logits by a temperature near zero (5e-324 is valid JSON) overflows them to inf and sampling fails;
+        # like vLLM, sample at MIN_TEMPERATURE instead. 0 stays 0: greedy.
+        return MIN_TEMPERATURE if 0 < value < MIN_TEMPERATURE else value
 
     @field_validator("stop")
     @classmethod
@@ -63,15 +73,29 @@ class CompletionRequest(_Request):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        # An empty prompt has no token to continue from (vLLM refuses it too); the engines would crash on it.
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ValueError("the prompt must not be empty")
+        return value
+
 
 class BatchRequest(BaseModel):
     requests: list[ChatCompletionRequest] = Field(min_length=1, max_length=256)
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions"]
+
+
+class BatchCreateRequest(BaseModel):
+    """`POST /v1/batches` (OpenAI's Batches API)."""
+
+    input_file_id: str = Field(description="A file uploaded with purpose `batch`: one request per JSON line.")
+    endpoint: BatchEndpoint = Field(description="The endpoint each request of the file is sent to.")
+    completion_window: Literal["24h"] = Field("24h", description="Only `24h`, as OpenAI.")
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="Up to 16 key-value pairs, kept as given.")
 
 
 def new_id(prefix: str) -> str:

@@ -35,5 +35,6 @@ class Router:
             cumulative += weight / total
             if point < cumulative:
                 return variant, variant
-        last = list(route.variants)[-1]
+        # Float sums can end just below 1: fall back to the last variant that has a weight.
+        last = [variant for variant, weight in route.variants.items() if weight > 0][-1]
         return last, last

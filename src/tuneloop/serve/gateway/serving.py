@@ -26,6 +26,8 @@ from tuneloop.serve.gateway.routing import Router
 log = logging.getLogger("tuneloop.gateway")
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
+# What a request that names no max_tokens gets (bounded by serve.max_tokens).
+DEFAULT_MAX_TOKENS = 256
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -64,7 +66,8 @@ class CompletionServing:
         return served, variant
 
     def to_generation(self, body: AnyRequest, prompt: str | None, served: str) -> GenerationRequest:
-        max_tokens = body.max_completion_tokens or body.max_tokens or 256
+        asked = next((value for value in (body.max_completion_tokens, body.max_tokens) if value is not None), None)
+        max_tokens = asked if asked is not None else min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
         if max_tokens > self.max_tokens_limit:
             raise GatewayError(400, f"max_tokens must be <= {self.max_tokens_limit}", param="max_tokens")
         messages = (
@@ -228,15 +231,21 @@ class CompletionServing:
             for index in range(len(runs)):
                 yield event({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         prompt_tokens = completion_tokens = 0
-        async for index, chunk in self._merged(runs, body.model):
-            if chunk.text:
-                delta = {"delta": {"content": chunk.text}} if chat else {"text": chunk.text}
-                yield event({"index": index, **delta, "finish_reason": None})
-            if chunk.finish_reason:
-                last = {"delta": {}} if chat else {"text": ""}
-                yield event({"index": index, **last, "finish_reason": chunk.finish_reason})
-                prompt_tokens = chunk.prompt_tokens
-                completion_tokens += chunk.completion_tokens
+        try:
+            async for index, chunk in self._merged(runs, body.model):
+                if chunk.text:
+                    delta = {"delta": {"content": chunk.text}} if chat else {"text": chunk.text}
+                    yield event({"index": index, **delta, "finish_reason": None})
+                if chunk.finish_reason:
+                    last = {"delta": {}} if chat else {"text": ""}
+                    yield event({"index": index, **last, "finish_reason": chunk.finish_reason})
+                    prompt_tokens = chunk.prompt_tokens
+                    completion_tokens += chunk.completion_tokens
+        except Exception as error:  # the headers are sent: say it in the stream, as vLLM does, then end it
+            log.warning("stream %s failed: %s", identifier, error)
+            yield f"data: {json.dumps(error_body(str(error), 'server_error', 'engine_error'))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         if include_usage:
             yield event(None, usage_of(prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"

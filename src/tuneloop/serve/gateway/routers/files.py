@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Form, UploadFile
 from fastapi.responses import Response
 
-from tuneloop.serve.gateway.batches import BATCH_ENDPOINTS
 from tuneloop.serve.gateway.errors import GatewayError, not_found
+from tuneloop.serve.gateway.protocol import BatchCreateRequest
 from tuneloop.serve.gateway.state import GatewayState, gateway
 
 router = APIRouter()
@@ -41,16 +41,16 @@ async def get_file_content(file_id: str, state: State) -> Response:
 
 
 @router.post("/v1/batches")
-async def create_batch(request: Request, state: State) -> dict[str, Any]:
-    body = await request.json()
+async def create_batch(body: BatchCreateRequest, state: State) -> dict[str, Any]:
     store = state.batches()
-    if body.get("endpoint") not in BATCH_ENDPOINTS:
-        raise GatewayError(400, f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", param="endpoint")
-    if store.file(str(body.get("input_file_id"))) is None:
-        raise GatewayError(400, f"no file {body.get('input_file_id')!r}", param="input_file_id")
-    job = store.create(
-        body["input_file_id"], body["endpoint"], body.get("completion_window", "24h"), body.get("metadata")
-    )
+    input_file = store.file(body.input_file_id)
+    if input_file is None:
+        raise GatewayError(400, f"no file {body.input_file_id!r}", param="input_file_id")
+    if input_file["purpose"] != "batch":  # only those were checked line by line at upload
+        raise GatewayError(
+            400, f"file {body.input_file_id!r} was not uploaded with purpose `batch`", param="input_file_id"
+        )
+    job = store.create(body.input_file_id, body.endpoint, body.completion_window, body.metadata)
     store.start(job, state.serving.batch_item)
     return job
 
