@@ -205,6 +205,47 @@ class SweepConfig(_Section):
     prune: bool = Field(True, description="Stop unpromising trials early (median pruner on validation loss).")
 
 
+DistributedStrategy = Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
+
+
+class DistributedConfig(_Section):
+    """Read by `tuneloop train --nproc/--nnodes`: how the processes share the model. `train.distributed: fsdp` is
+    short for `{strategy: fsdp}`."""
+
+    strategy: DistributedStrategy = Field(
+        "ddp",
+        description=(
+            "`ddp`: every process holds the whole model, gradients are averaged (PyTorch DDP). `fsdp`: parameters, "
+            "gradients and optimizer state are sharded across processes (PyTorch FSDP2 `fully_shard`; on CPUs, where "
+            "Accelerate falls back to DDP, tuneloop applies it itself over gloo). `deepspeed_zero2`: optimizer state "
+            "and gradients sharded; `deepspeed_zero3`: parameters too (DeepSpeed, GPUs only)."
+        ),
+    )
+    cpu_offload: bool = Field(
+        False,
+        description=(
+            "`fsdp`: keep sharded parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy). "
+            "`deepspeed_zero2`: offload the optimizer; `deepspeed_zero3`: the optimizer and the parameters."
+        ),
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="`fsdp`: free gathered parameters after each layer's forward (ZeRO-3 memory); false keeps them "
+        "until backward (ZeRO-2 memory, less communication).",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective backend: `auto` is NCCL on GPUs, gloo on CPUs."
+    )
+    timeout_minutes: int = Field(
+        30, ge=1, description="How long a collective (or the rendezvous) may wait before the job fails."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_shorthand(cls, value: Any) -> Any:
+        return {"strategy": value} if isinstance(value, str) else value
+
+
 class TrainConfig(_Section):
     """Read by `tuneloop train`: method, optimisation, evaluation, checkpoints, tracking and sweeps."""
 
@@ -257,6 +298,7 @@ class TrainConfig(_Section):
     preflight: Literal["stop", "warn", "off"] = Field(
         "stop", description="Memory preflight: stop (or warn) before loading when the estimate will not fit."
     )
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")

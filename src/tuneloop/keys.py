@@ -10,6 +10,7 @@
 | GGUF of an adapter   | `gguf_adapter_key` | adapter folder content                                                   |
 | vLLM zero-LoRA       | `zero_lora_key`    | the template adapter's content                                           |
 | converted GGUF base  | `gguf_cache_name`  | the GGUF file's resolved path                                            |
+| multi-node run id    | `job_run_id`       | project, run key, the rendezvous address (when no --run-id is given)     |
 
 Anything not named here (project name, registry, serve, eval settings for training) does not invalidate a step;
 tests/test_keys.py states the whole table. Paths never enter a key on their own: a relative `model.base` is resolved
@@ -112,6 +113,12 @@ def sweep_study(config: LoopConfig, base_weights: str) -> str:
 def new_run_id(project: str, key: str) -> str:
     """A readable, sortable run id: project slug, time, and the head of the run key."""
     return f"{_slug(project)[:40] or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
+
+
+def job_run_id(project: str, key: str, meeting: str) -> str:
+    """The run id of a multi-node job started without --run-id: every node derives the same one from the run key and
+    the address the nodes meet at (a node cannot know the others' clocks)."""
+    return f"{_slug(project)[:40] or 'run'}-{fingerprint(key, meeting)[:10]}"
 
 
 # -- conversions and caches -----------------------------------------------------------------------------------------

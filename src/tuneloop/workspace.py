@@ -105,6 +105,10 @@ class RunPaths:
     tensorboard = _child("tensorboard")
     evals = _child("eval", "Evaluation reports of this run, one folder each (`EvalPaths`).")
 
+    def rank_report(self, rank: int) -> Path:
+        """What one process of a multi-process run held and trained (`RankReport`)."""
+        return self.root / "ranks" / f"rank-{rank}.json"
+
     def eval_reports(self) -> list[EvalPaths]:
         """This run's finished evaluation reports, oldest first (report folders start with a timestamp)."""
         if not self.evals.is_dir():

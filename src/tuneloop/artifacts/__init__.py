@@ -12,6 +12,6 @@ prints them. Loading ignores unknown keys, so a workspace written by a newer tun
 from tuneloop.artifacts.dataset import DatasetManifest, PreparedDataset
 from tuneloop.artifacts.evaluation import EvalReport
 from tuneloop.artifacts.lineage import Lineage
-from tuneloop.artifacts.training import RunRecord, TrainResult
+from tuneloop.artifacts.training import RankReport, RunRecord, TrainResult
 
-__all__ = ["DatasetManifest", "EvalReport", "Lineage", "PreparedDataset", "RunRecord", "TrainResult"]
+__all__ = ["DatasetManifest", "EvalReport", "Lineage", "PreparedDataset", "RankReport", "RunRecord", "TrainResult"]

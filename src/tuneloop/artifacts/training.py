@@ -56,3 +56,17 @@ class TrainResult(JsonArtifact):
 
     def summary(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+class RankReport(JsonArtifact):
+    """`ranks/rank-K.json`: one process of a multi-process run, written by every rank at the end of training."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    host: str
+    strategy: str
+    trainable_local: int = Field(description="Trainable elements this rank held (its shards under FSDP).")
+    frozen_local: int = Field(description="Frozen elements this rank held (its shards under FSDP).")
+    trainable_sha256: str = Field(description="Hash of this rank's trainable tensors (equal on all ranks under DDP).")
+    tokens: int = Field(description="Real tokens this rank trained on.")

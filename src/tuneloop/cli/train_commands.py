@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,10 +34,25 @@ def train(
     ] = False,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Use (or resume) this run id.")] = None,
     sweep: Annotated[int, typer.Option("--sweep", help="Run N Optuna trials over train.sweep.space.")] = 0,
-    nproc: Annotated[int, typer.Option("--nproc", help="Processes for data-parallel training (Accelerate).")] = 1,
-    accelerate_config: Annotated[
-        Path | None, typer.Option("--accelerate-config", help="An Accelerate config (FSDP, DeepSpeed) for --nproc.")
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes on this node (torchrun --nproc-per-node).")] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes in the job.")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank, 0..nnodes-1.")] = 0,
+    master_addr: Annotated[
+        str, typer.Option("--master-addr", help="Address of node 0, where the nodes meet.")
+    ] = "127.0.0.1",
+    master_port: Annotated[
+        int | None, typer.Option("--master-port", help="Port on node 0 (default: a free one, single node only).")
     ] = None,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option("--rdzv-endpoint", help="HOST:PORT for c10d rendezvous (elastic; replaces the three above)."),
+    ] = None,
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", help="Restart the workers this many times after a failure.")
+    ] = 0,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Print the strategy, per-rank memory and launch commands; do not train.")
+    ] = False,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -58,12 +72,28 @@ def train(
         else:
             _print_sweep(outcome)
         return
-    if nproc > 1:
+    from tuneloop.train.launch import Topology
+
+    topology = Topology(nproc, nnodes, node_rank, master_addr, master_port, rdzv_endpoint, max_restarts)
+    if plan:
+        from tuneloop.train.plan import plan_training
+
+        topology.check()
+        outcome = plan_training(config, space, topology, config_file, overrides or [])
+        if as_json:
+            emit_json(outcome)
+        else:
+            _print_plan(outcome)
+        return
+    if topology.world_size > 1:
         from tuneloop.train.launch import launch_distributed
 
-        result = launch_distributed(
-            config_file, overrides or [], space, nproc, resume, run_id, accelerate_config, stderr
-        )
+        result = launch_distributed(config_file, overrides or [], space, topology, resume, run_id, stderr)
+        if result is None:
+            stderr.print(f"node {node_rank} finished its share; the run's result is written by node 0")
+            if as_json:
+                emit_json({"node_rank": node_rank, "finished": True})
+            return
     else:
         from tuneloop.train.recipe import describe_failure, train_model
 
@@ -109,6 +139,36 @@ def _print_train_summary(summary: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, value)
     stdout.print(table)
+
+
+def _print_plan(outcome: dict[str, Any]) -> None:
+    memory = outcome["per_rank_mb"]
+    table = Table(title=f"plan: {outcome['strategy']} over {outcome['world_size']} processes", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    rows = [
+        ("method / precision", f"{outcome['method']} / {outcome['precision']}"),
+        ("nodes x processes", f"{outcome['nodes']} x {outcome['processes_per_node']}"),
+        ("weights per rank", f"{memory['weights']:,} MiB"),
+        ("optimizer + gradients per rank", f"{memory['optimizer_and_gradients']:,} MiB"),
+        ("activations per rank", f"{memory['activations']:,} MiB"),
+        ("total per rank", f"{memory['total']:,} MiB"),
+        ("offloaded to host per rank", f"{memory['offloaded_to_host']:,} MiB"),
+        (
+            f"available per rank here ({outcome['device']})",
+            f"{outcome['available_here_per_rank_mb']:,} MiB: " + ("fits" if outcome["fits_here"] else "does NOT fit"),
+        ),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    stdout.print(table)
+    for note in outcome["notes"]:
+        stdout.print(f"[yellow]note:[/] {note}")
+    if outcome["problem"]:
+        stdout.print(f"[red]on this machine:[/] {outcome['problem']}")
+    stdout.print("launch (one line per node):")
+    for command in outcome["commands"]:
+        stdout.print(f"  {command}", highlight=False, soft_wrap=True)
 
 
 def _print_sweep(outcome: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ class ThroughputCallback(TrainerCallback):
         self.eval_tokens = 0
         self.train_seconds = 0.0
         self.final_tokens: int | None = None
+        self.local_tokens = 0  # this process's share, set at the end
 
     def train_tokens(self) -> int:
         if self.final_tokens is not None:
@@ -59,7 +60,8 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.train_seconds = time.perf_counter() - self.started
-        self.final_tokens = _sum_over_processes(self.train_tokens())
+        self.local_tokens = self.train_tokens()
+        self.final_tokens = _sum_over_processes(self.local_tokens)
 
 
 def _sum_over_processes(value: int) -> int:

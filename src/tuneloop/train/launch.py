@@ -1,86 +1,183 @@
-"""`tuneloop train --nproc N`: data-parallel training through `accelerate launch`.
+"""`tuneloop train --nproc N [--nnodes M --node-rank K --master-addr HOST --master-port P | --rdzv-endpoint HOST:PORT]`:
+multi-process and multi-node training through PyTorch's own launcher, torchrun (`torch.distributed.run`).
 
-The parent prepares the data and converts the base model once (so the workers only hit caches), picks the run id,
-then starts N workers (`python -m tuneloop.train.worker`) that each run the same recipe; Transformers' Trainer does
-DDP (gloo on CPU, NCCL on GPUs).
-`--accelerate-config` passes an Accelerate config file (FSDP, DeepSpeed ZeRO-2/3; see deploy/accelerate/).
+On each node the parent prepares the data and converts the base model once (so the workers only hit caches), settles
+the run id (the same on every node), then has torchrun start N workers (`python -m tuneloop.train.worker`) that run
+the same recipe. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; Transformers' Trainer (through Accelerate) runs DDP over
+them, or DeepSpeed, and `train.distributed: fsdp` shards with FSDP2 (train/fsdp.py). Every worker's output lines
+carry its rank (`[default0]:` ... from torchrun's `--tee`); only global rank 0 writes the run record, MLflow and the
+summary. `node_command` is what cluster launchers (tuneloop.cluster) run on each node.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from tuneloop.artifacts.training import TrainResult
+from tuneloop.artifacts.training import RunRecord, TrainResult
+from tuneloop.config import LoopConfig
 from tuneloop.config_file import load_config
 from tuneloop.data.prepare import prepare_dataset
-from tuneloop.device import has_gpu
 from tuneloop.errors import TuneloopError
-from tuneloop.keys import new_run_id
+from tuneloop.keys import job_run_id, new_run_id
 from tuneloop.models import configured_base, materialize
 from tuneloop.net import free_port
 from tuneloop.train.runs import find_resumable, run_key_for
 from tuneloop.workspace import Workspace
 
 
+@dataclass(frozen=True)
+class Topology:
+    """Where this node's processes sit in the job (torchrun's own options, same names)."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port (single node only)
+    rdzv_endpoint: str | None = None  # HOST:PORT: c10d rendezvous (elastic; nodes need no rank)
+    max_restarts: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nnodes > 1
+
+    def check(self) -> None:
+        """Refuse what torchrun would only fail on later (or hang on)."""
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise TuneloopError("--nproc and --nnodes must be at least 1")
+        if self.rdzv_endpoint is None and not 0 <= self.node_rank < self.nnodes:
+            raise TuneloopError(f"--node-rank {self.node_rank} is not in 0..{self.nnodes - 1}")
+        if self.multi_node and self.rdzv_endpoint is None and self.master_port is None:
+            raise TuneloopError(
+                "a multi-node job needs the address every node meets at",
+                hint="pass --master-addr HOST --master-port PORT (the same on every node), or --rdzv-endpoint HOST:PORT",
+            )
+
+
+def torchrun_options(topology: Topology, run_id: str) -> list[str]:
+    """torchrun's options for this node."""
+    options = ["--nproc-per-node", str(topology.nproc_per_node), "--nnodes", str(topology.nnodes)]
+    if topology.rdzv_endpoint is not None:
+        options += ["--rdzv-backend", "c10d", "--rdzv-endpoint", topology.rdzv_endpoint, "--rdzv-id", run_id]
+    else:
+        port = topology.master_port or free_port()
+        options += ["--node-rank", str(topology.node_rank)]
+        options += ["--master-addr", topology.master_addr, "--master-port", str(port)]
+    # --tee 3: every line of each worker's stdout/stderr on the console, prefixed with its rank.
+    return [*options, "--max-restarts", str(topology.max_restarts), "--tee", "3"]
+
+
+def worker_command(
+    topology: Topology, config_file: Path, workspace: Workspace, run_id: str, overrides: list[str], resume: bool
+) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_options(topology, run_id)]
+    command += ["-m", "tuneloop.train.worker", "-c", str(config_file), "--run-id", run_id]
+    command += ["--workspace", str(workspace.root)]
+    for override in overrides:
+        command += ["--set", override]
+    return [*command, "--resume"] if resume else command
+
+
+def node_command(
+    config_file: str,
+    *,
+    nproc: str,
+    nnodes: str,
+    node_rank: str | None,
+    master_addr: str | None,
+    master_port: str | None,
+    rdzv_endpoint: str | None = None,
+    run_id: str | None = None,
+    overrides: list[str] | None = None,
+    max_restarts: int = 0,
+) -> list[str]:
+    """The `tuneloop train` command one node of a cluster job runs. Values may be shell variables (`$NODE_RANK`),
+    which the scheduler's script expands; cluster launchers (tuneloop.cluster) build their specs from it."""
+    command = ["tuneloop", "train", "-c", config_file, "--nproc", nproc, "--nnodes", nnodes]
+    if rdzv_endpoint is not None:
+        command += ["--rdzv-endpoint", rdzv_endpoint]
+    else:
+        command += ["--node-rank", str(node_rank), "--master-addr", str(master_addr), "--master-port", str(master_port)]
+    if run_id is not None:
+        command += ["--run-id", run_id]
+    if max_restarts:
+        command += ["--max-restarts", str(max_restarts)]
+    for override in overrides or []:
+        command += ["--set", override]
+    return command
+
+
+def shell_join(command: list[str]) -> str:
+    """A command for a shell script, leaving `$VARIABLES` for the shell to expand."""
+    return " ".join(part if part.startswith("$") or part.startswith('"$') else shlex.quote(part) for part in command)
+
+
 def launch_distributed(
     config_file: Path,
     overrides: list[str],
     workspace: Workspace,
-    nproc: int,
+    topology: Topology,
     resume: bool,
     run_id: str | None,
-    accelerate_config: Path | None,
     console: Console,
-) -> TrainResult:
+) -> TrainResult | None:
+    """Run this node's share of the job. Returns the run's result on the node that holds global rank 0 (None on the
+    others: the result is in node 0's workspace)."""
+    topology.check()
     config = load_config(config_file, overrides)
     prepared = prepare_dataset(config, workspace, console=console)
     base = configured_base(config, workspace)
     if base.kind != "hub":
         materialize(base)
-    key = run_key_for(config, workspace, prepared.dataset_id)
-    if run_id is None and resume:
-        found = find_resumable(workspace, key)
-        run_id = found.run_id if found else None
-    run_id = run_id or new_run_id(config.project.name, key)
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate_config is not None:
-        command += ["--config_file", str(accelerate_config)]
-    else:
-        # --multi_gpu selects DDP; without GPUs Accelerate runs it over gloo on the CPU (`--cpu` would start one
-        # process only, measured, docs/training.md).
-        command += ["--multi_gpu", "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no"]
-    command += ["--num_processes", str(nproc), "--main_process_port", str(free_port())]
-    command += [
-        "-m",
-        "tuneloop.train.worker",
-        "-c",
-        str(config_file),
-        "--run-id",
-        run_id,
-        "--workspace",
-        str(workspace.root),
-    ]
-    for override in overrides:
-        command += ["--set", override]
-    if resume:
-        command.append("--resume")
-    console.print(f"launching {nproc} processes: {' '.join(command[2:])}")
+    run_id = settle_run_id(config, workspace, prepared.dataset_id, topology, resume, run_id)
+    command = worker_command(topology, config_file, workspace, run_id, overrides, resume)
+    console.print(f"node {topology.node_rank}: launching {topology.nproc_per_node} processes: {shell_join(command)}")
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if not has_gpu():
-        environment.setdefault("ACCELERATE_USE_CPU", "true")
     # Workers report on stderr; stdout stays the parent's (one table, or one JSON object).
     completed = subprocess.run(command, env=environment, check=False, stdout=_stderr_fileno())
     if completed.returncode != 0:
         raise TuneloopError(
             f"distributed training exited with status {completed.returncode} (run {run_id})",
-            hint=f"see the worker output above; resume with `tuneloop train -c {config_file} --nproc {nproc} --resume`",
+            hint="see the workers' output above (each line starts with its rank); resume with the same command "
+            "and --resume",
         )
-    return TrainResult.load(workspace.run(run_id).summary)
+    summary = workspace.run(run_id).summary
+    return TrainResult.load(summary) if summary.exists() else None
+
+
+def settle_run_id(
+    config: LoopConfig, workspace: Workspace, dataset_id: str, topology: Topology, resume: bool, run_id: str | None
+) -> str:
+    """The run id every node of the job agrees on: the one given, the resumable run, a new one (single node), or one
+    derived from the run key and the rendezvous address (multi-node without --run-id)."""
+    key = run_key_for(config, workspace, dataset_id)
+    if run_id is None and resume:
+        found = find_resumable(workspace, key)
+        run_id = found.run_id if found else None
+    if run_id is not None:
+        return run_id
+    if not topology.multi_node:
+        return new_run_id(config.project.name, key)
+    meeting = topology.rdzv_endpoint or f"{topology.master_addr}:{topology.master_port}"
+    derived = job_run_id(config.project.name, key, meeting)
+    record = workspace.run(derived).record
+    if record.exists() and RunRecord.load(record).status == "finished" and not resume:
+        raise TuneloopError(
+            f"run {derived} (derived from this config and {meeting}) has already finished",
+            hint="pass the same new --run-id to every node of the job",
+        )
+    return derived
 
 
 def _stderr_fileno() -> int | None:

@@ -4,6 +4,11 @@ Estimate = weights + trainable-parameter state (fp32 master copy where needed, g
 activations. Activations follow Korthikanti et al. (2022) per layer: s*b*h*(34 + 5*a*s/h) bytes in 16-bit (x2 in
 fp32), divided by the layer count with gradient checkpointing; plus the logits (b*s*vocab*4 bytes, x2 for the loss).
 It is an estimate for a go/no-go decision, not a measurement; docs/benchmarks.md compares it with measured peaks.
+
+Per rank, by `train.distributed.strategy` over N processes: `ddp` holds everything on every rank; `deepspeed_zero2`
+divides gradients and optimizer state by N; `fsdp` and `deepspeed_zero3` divide the weights too, plus one layer
+gathered at a time. `cpu_offload` moves the sharded state (and, for FSDP/ZeRO-3, the weights) to host memory, shown
+separately. Activations are per rank in every strategy (data parallelism splits the batch, not the sequence).
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ MIB = 2**20
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """One rank's memory on its device (GPU, or the host on CPU), and what `cpu_offload` keeps in host memory."""
+
     weights_mb: float
     trainable_state_mb: float
     activations_mb: float
     overhead_mb: float
+    offloaded_mb: float = 0.0
 
     @property
     def total_mb(self) -> float:
@@ -29,7 +37,16 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    model_config: Any, method: str, lora_r: int, batch_size: int, seq_len: int, precision: str, checkpointing: bool
+    model_config: Any,
+    method: str,
+    lora_r: int,
+    batch_size: int,
+    seq_len: int,
+    precision: str,
+    checkpointing: bool,
+    strategy: str = "ddp",
+    world_size: int = 1,
+    cpu_offload: bool = False,
 ) -> MemoryEstimate:
     hidden = model_config.hidden_size
     layers = model_config.num_hidden_layers
@@ -56,7 +73,28 @@ def estimate_memory(
     bytes_per_activation = 1 if half else 2
     activation_layer = seq_len * batch_size * hidden * (34 + 5 * heads * seq_len / hidden) * bytes_per_activation
     activations = activation_layer * (1 if checkpointing else layers) + batch_size * seq_len * vocab * 4 * 2
-    return MemoryEstimate(weights / MIB, trainable_state / MIB, activations / MIB, overhead_mb=600.0)
+    weights, trainable_state, offloaded = _per_rank(
+        weights, trainable_state, weights / max(layers, 1), strategy, max(world_size, 1), cpu_offload
+    )
+    return MemoryEstimate(
+        weights / MIB, trainable_state / MIB, activations / MIB, overhead_mb=600.0, offloaded_mb=offloaded / MIB
+    )
+
+
+def _per_rank(
+    weights: float, state: float, layer: float, strategy: str, world: int, offload: bool
+) -> tuple[float, float, float]:
+    """(weights, trainable state, offloaded) bytes of one rank."""
+    if strategy == "ddp" or (world == 1 and not offload):
+        return weights, state, 0.0
+    if strategy == "deepspeed_zero2":
+        sharded_state = state / world
+        return weights, (0.0 if offload else sharded_state), (sharded_state if offload else 0.0)
+    # fsdp and deepspeed_zero3: everything sharded; one layer is gathered at a time for compute.
+    sharded = weights / world + state / world
+    if offload:
+        return layer, 0.0, sharded
+    return weights / world + layer, state / world, 0.0
 
 
 def preflight(estimate: MemoryEstimate, available_mb: float, mode: str) -> str | None:

@@ -60,7 +60,10 @@ def require_four_bit_backend() -> FourBitBackend:
     return backend
 
 
-def nf4_config(compute_dtype: Any) -> Any:
+def nf4_config(compute_dtype: Any, store_as_compute_dtype: bool = False) -> Any:
+    """NF4 with double quantisation. `store_as_compute_dtype`: pack the 4-bit weights into tensors of the compute
+    dtype (`bnb_4bit_quant_storage`), which FSDP and DeepSpeed ZeRO-3 need to shard them like other parameters."""
+    import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -68,6 +71,7 @@ def nf4_config(compute_dtype: Any) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype if store_as_compute_dtype else torch.uint8,
     )
 
 

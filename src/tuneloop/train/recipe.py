@@ -33,6 +33,7 @@ from tuneloop.models import (
 )
 from tuneloop.train.memory import MemoryEstimate, estimate_memory, preflight
 from tuneloop.train.runs import open_run
+from tuneloop.train.strategies import check_strategy, quant_storage_dtype, trainer_arguments, uses_tuneloop_fsdp
 from tuneloop.workspace import RunPaths, Workspace
 
 
@@ -109,21 +110,12 @@ def _setup_run(
         quantization = require_four_bit_backend().describe()
     base = configured_base(config, workspace)
     base_weights = base_weights_fingerprint(base)
-
-    from transformers import AutoConfig
-
-    tokens = prepared.manifest.tokens
-    estimate = estimate_memory(
-        AutoConfig.from_pretrained(base.source, trust_remote_code=base.trust_remote_code),
-        settings.method,
-        settings.lora.r,
-        settings.batch_size,
-        config.data.max_seq_len if config.data.packing else max(tokens.p95, 1),
-        precision.name,
-        settings.gradient_checkpointing,
-    )
     quiet = not is_main_process()
-    warning = preflight(estimate, available_memory_mb(), settings.preflight)
+    for note in check_strategy(settings, world_size(), has_gpu()):
+        if not quiet:
+            console.print(f"[yellow]note:[/] {note}")
+    estimate = estimate_for(config, base, prepared, precision.name, world_size())
+    warning = preflight(estimate, available_memory_mb() / local_world_size(), settings.preflight)
     if warning and not quiet:
         console.print(f"[yellow]warning:[/] {warning}")
     record, checkpoint = open_run(config, workspace, base_weights, prepared.dataset_id, resume, run_id, console)
@@ -138,6 +130,39 @@ def _setup_run(
     return _Run(record, paths, checkpoint, base, base_weights, precision, quantization, estimate)
 
 
+def estimate_for(
+    config: LoopConfig, base: BaseModelRef, prepared: PreparedDataset | None, precision: str, world: int
+) -> MemoryEstimate:
+    """One rank's memory for this config on `world` processes (the prepared data gives the row lengths when it does
+    not pack; without it, `data.max_seq_len` is assumed)."""
+    from transformers import AutoConfig
+
+    settings = config.train
+    packed_or_unknown = config.data.packing or prepared is None
+    seq_len = config.data.max_seq_len if packed_or_unknown else max(prepared.manifest.tokens.p95, 1)
+    return estimate_memory(
+        AutoConfig.from_pretrained(base.source, trust_remote_code=base.trust_remote_code),
+        settings.method,
+        settings.lora.r,
+        settings.batch_size,
+        seq_len,
+        precision,
+        settings.gradient_checkpointing,
+        strategy=settings.distributed.strategy,
+        world_size=world,
+        cpu_offload=settings.distributed.cpu_offload,
+    )
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int:
+    """Processes sharing this machine's memory (torchrun sets it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def _setup_model(settings: TrainConfig, base: BaseModelRef, precision: Precision) -> tuple[Any, float]:
     """The base model for `settings.method` (4-bit for QLoRA, 16-bit frozen base for LoRA where fast) with a new
     LoRA adapter on it, and the base weights' memory footprint in MiB."""
@@ -147,7 +172,9 @@ def _setup_model(settings: TrainConfig, base: BaseModelRef, precision: Precision
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     set_seed(settings.seed)
-    model = load_base_for_training(base, settings.method, precision, settings.gradient_checkpointing)
+    model = load_base_for_training(
+        base, settings.method, precision, settings.gradient_checkpointing, quant_storage_dtype(settings)
+    )
     model_memory_mb = round(model.get_memory_footprint() / 2**20, 1)
     if settings.method in ("lora", "qlora"):
         from peft import get_peft_model
@@ -158,7 +185,9 @@ def _setup_model(settings: TrainConfig, base: BaseModelRef, precision: Precision
     return model, model_memory_mb
 
 
-def load_base_for_training(base: BaseModelRef, method: str, precision: Precision, gradient_checkpointing: bool) -> Any:
+def load_base_for_training(
+    base: BaseModelRef, method: str, precision: Precision, gradient_checkpointing: bool, shardable_4bit: bool = False
+) -> Any:
     kwargs: dict[str, Any] = {}
     if method == "qlora":
         import torch
@@ -166,7 +195,7 @@ def load_base_for_training(base: BaseModelRef, method: str, precision: Precision
         from tuneloop.train.quant import nf4_config
 
         compute = precision.torch_dtype if precision.name != "fp32" else torch.float32
-        kwargs = {"quantization_config": nf4_config(compute), "dtype": compute}
+        kwargs = {"quantization_config": nf4_config(compute, shardable_4bit), "dtype": compute}
     elif method == "lora" and precision.name in ("bf16", "fp16"):
         # A frozen base needs no fp32 master copy: 16-bit base weights halve memory and run faster; PEFT keeps
         # the adapter weights in fp32.
@@ -263,9 +292,17 @@ def _setup_trainer(
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
-    trainer = Trainer(
+    args = _training_arguments(settings, run.paths, run.precision, has_val=val_data is not None)
+    trainer_class = Trainer
+    if uses_tuneloop_fsdp(settings, world_size(), has_gpu()):
+        from tuneloop.train.fsdp import ShardedTrainer, shard_model
+
+        _ = args.device  # sets up the process group (Accelerate), which sharding needs
+        model = shard_model(model, settings.distributed, run.precision.torch_dtype)
+        trainer_class = ShardedTrainer
+    trainer = trainer_class(
         model=model,
-        args=_training_arguments(settings, run.paths, run.precision, has_val=val_data is not None),
+        args=args,
         train_dataset=train_data,
         eval_dataset=val_data,
         data_collator=collator,
@@ -316,6 +353,7 @@ def _training_arguments(settings: TrainConfig, paths: RunPaths, precision: Preci
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         use_cpu=not has_gpu(),
+        **trainer_arguments(settings, world_size(), has_gpu(), precision.name),
     )
 
 
@@ -343,7 +381,9 @@ def _finalize(
     method = config.train.method
     eval_loss = _final_eval_loss(trainer, config.train.keep_best) if prepared.has_validation else None
     train_loss = next((entry["loss"] for entry in reversed(trainer.state.log_history) if "loss" in entry), None)
-    output = _save_outputs(trainer, model, tokenizer, run.base, run.paths.output(method), method)
+    output = _save_outputs(trainer, tokenizer, run.base, run.paths.output(method))
+    if world_size() > 1:
+        _write_rank_report(trainer, run, config.train, throughput)
     result = TrainResult(
         run_id=run.record.run_id,
         run_dir=str(run.paths.root),
@@ -395,14 +435,16 @@ def _final_eval_loss(trainer: Any, keep_best: bool) -> float:
     return float(trainer.evaluate()["eval_loss"])
 
 
-def _save_outputs(trainer: Any, model: Any, tokenizer: Any, base: BaseModelRef, target: Path, method: str) -> Path:
-    """PEFT-standard adapter folder (or full HF model) with tokenizer, chat template and generation config."""
+def _save_outputs(trainer: Any, tokenizer: Any, base: BaseModelRef, target: Path) -> Path:
+    """PEFT-standard adapter folder (or full HF model) with tokenizer, chat template and generation config.
+
+    Every rank calls the Trainer's save: under FSDP and ZeRO-3 the full state dict is gathered from all of them;
+    rank 0 writes it."""
+    if getattr(trainer, "is_fsdp_enabled", False):  # Accelerate's FSDP (GPUs): one full adapter, not shards
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(target))
     if not trainer.is_world_process_zero():
         return target
-    if method == "full":
-        trainer.save_model(str(target))
-    else:
-        model.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
     try:
         from transformers import GenerationConfig
@@ -411,6 +453,35 @@ def _save_outputs(trainer: Any, model: Any, tokenizer: Any, base: BaseModelRef, 
     except OSError:
         pass  # the base model has no generation config
     return target
+
+
+def _write_rank_report(trainer: Any, run: _Run, settings: TrainConfig, throughput: Any) -> None:
+    """What this process held and trained: tests and users check sharding and synchronisation from these."""
+    import hashlib
+    import socket
+
+    from tuneloop.artifacts.training import RankReport
+    from tuneloop.train.fsdp import local_sizes
+
+    model = trainer.model
+    trainable, frozen = local_sizes(model)
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+            digest.update(name.encode())
+            digest.update(local.detach().float().cpu().numpy().tobytes())
+    RankReport(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        host=socket.gethostname(),
+        strategy=settings.distributed.strategy,
+        trainable_local=trainable,
+        frozen_local=frozen,
+        trainable_sha256=digest.hexdigest(),
+        tokens=throughput.local_tokens,
+    ).save(run.paths.rank_report(int(os.environ.get("RANK", "0"))))
 
 
 def describe_failure(error: BaseException) -> TuneloopError:
