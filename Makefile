@@ -25,7 +25,12 @@ JOBS := $(shell nproc 2>/dev/null || echo 2)
 SYSTEM_TOOLS := chromium prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup vllm llamacpp system-deps demo test lint clean-workspace
+# SkyPilot in its own virtualenv: it pins click/uvicorn versions that conflict with the project's; the cluster tests
+# load generated task YAML with SkyPilot's own loader from there (tests/cluster).
+SKYPILOT_VENV ?= .venv-skypilot
+SKYPILOT_SPEC ?= skypilot==0.14.1
+
+.PHONY: setup vllm llamacpp skypilot system-deps demo test lint clean-workspace
 
 setup: $(VENV)/.installed
 
@@ -74,6 +79,13 @@ $(LLAMACPP_DIR)/bin/llama-server: | $(VENV)/.installed
 	cp $(LLAMACPP_DIR)/build/bin/llama-quantize $(LLAMACPP_DIR)/bin/
 	cp $(LLAMACPP_DIR)/build/bin/llama-server $(LLAMACPP_DIR)/bin/
 
+skypilot: $(SKYPILOT_VENV)/.installed
+
+$(SKYPILOT_VENV)/.installed:
+	test -x $(SKYPILOT_VENV)/bin/python || $(PYTHON) -m venv $(SKYPILOT_VENV)
+	$(SKYPILOT_VENV)/bin/python -m pip install -q "$(SKYPILOT_SPEC)"
+	touch $@
+
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
@@ -87,7 +99,7 @@ demo: setup
 	$(VENV)/bin/tuneloop run -c examples/quickstart.yaml
 	$(PY) examples/serve_and_compare.py -c examples/quickstart.yaml
 
-test: setup vllm llamacpp system-deps
+test: setup vllm llamacpp skypilot system-deps
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: setup

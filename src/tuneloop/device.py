@@ -77,3 +77,24 @@ def available_memory_mb() -> float:
     import psutil
 
     return psutil.virtual_memory().available / 2**20
+
+
+def cpu_description() -> str:
+    """The CPU model and the ISA features that decide training and serving speed here (benchmarks print it: a speed
+    means nothing without the CPU it was measured on)."""
+    import platform
+    from pathlib import Path
+
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break  # the first CPU's: the others are the same
+    features = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if name in flags]
+    return f"{model} ({', '.join(features) or 'no AVX2'})"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,9 @@ class Workspace:
         return DatasetPaths(self.datasets / dataset_id)
 
     def dataset_staging(self, dataset_id: str) -> DatasetPaths:
-        """Where a dataset is written before it is renamed into place (a crash never leaves half an artifact)."""
-        return DatasetPaths(self.datasets / f".staging-{dataset_id}-{os.getpid()}")
+        """Where a dataset is written before it is renamed into place (a crash never leaves half an artifact). The
+        host is in the name: nodes sharing a workspace (one PVC, every pod PID 1) must not share a staging folder."""
+        return DatasetPaths(self.datasets / f".staging-{dataset_id}-{socket.gethostname()}-{os.getpid()}")
 
     def run(self, run_id: str) -> RunPaths:
         return RunPaths(self.runs / run_id)

@@ -144,15 +144,6 @@ def test_memory_preflight_stops_with_advice() -> None:
     assert smaller.total_mb < estimate.total_mb / 10
 
 
-def test_two_process_ddp_on_cpu_gives_one_adapter(train_config, workspace: Path) -> None:
-    summary = train_cli(train_config(max_steps=6, save_every=4, eval_every=2), "--nproc", "2")
-    assert summary["steps"] == 6
-    run_dir = Path(summary["run_dir"])
-    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    assert len(list(Path(workspace / "runs").iterdir())) == 1
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
-
-
 def test_qlora_trains_through_the_cli_and_says_which_backend_ran(train_config) -> None:
     summary = train_cli(train_config(method="qlora", max_steps=4, eval_every=2, save_every=2, report_to=[]))
     assert summary["quantization"].startswith("bitsandbytes") and "NF4 + double quantisation" in summary["quantization"]

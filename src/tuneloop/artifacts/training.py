@@ -70,3 +70,4 @@ class RankReport(JsonArtifact):
     frozen_local: int = Field(description="Frozen elements this rank held (its shards under FSDP).")
     trainable_sha256: str = Field(description="Hash of this rank's trainable tensors (equal on all ranks under DDP).")
     tokens: int = Field(description="Real tokens this rank trained on.")
+    peak_memory_mb: float = Field(0.0, description="This process's peak resident (CPU) or allocated (GPU) memory.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -50,27 +52,40 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+# Where --json output goes: the command's stdout, while everything else printed during a --json command (libraries
+# that log to stdout, e.g. DeepSpeed on import) is sent to stderr, so stdout holds exactly one JSON document.
+_JSON_OUT: contextvars.ContextVar[Any] = contextvars.ContextVar("json_out", default=None)
+
+
 def handles_errors(function: F) -> F:
-    """Show TuneloopError as a clear message (exit 2), as JSON when --json was asked for."""
+    """Show TuneloopError as a clear message (exit 2), as JSON when --json was asked for; with --json, keep stdout
+    for the JSON document alone."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
+        token = _JSON_OUT.set(sys.stdout)
         try:
-            return function(*args, **kwargs)
+            with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+                return function(*args, **kwargs)
         except TuneloopError as error:
-            if kwargs.get("as_json"):
-                print(json.dumps({"error": error.message, "hint": error.hint, "type": type(error).__name__}))
+            if as_json:
+                emit_json({"error": error.message, "hint": error.hint, "type": type(error).__name__})
             else:
                 stderr.print(f"[bold red]error:[/] {error.message}", highlight=False)
                 if error.hint:
                     stderr.print(f"[yellow]hint:[/] {error.hint}", highlight=False)
             raise typer.Exit(2) from None
+        finally:
+            _JSON_OUT.reset(token)
 
     return wrapper  # type: ignore[return-value]
 
 
 def emit_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+    out = _JSON_OUT.get() or sys.stdout
+    out.write(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+    out.flush()
 
 
 def fmt(value: float | None) -> str:

@@ -24,11 +24,13 @@ from tuneloop.artifacts.training import RunRecord, TrainResult
 from tuneloop.config import LoopConfig
 from tuneloop.config_file import load_config
 from tuneloop.data.prepare import prepare_dataset
+from tuneloop.device import has_gpu
 from tuneloop.errors import TuneloopError
 from tuneloop.keys import job_run_id, new_run_id
 from tuneloop.models import configured_base, materialize
 from tuneloop.net import free_port
 from tuneloop.train.runs import find_resumable, run_key_for
+from tuneloop.train.strategies import check_strategy
 from tuneloop.workspace import Workspace
 
 
@@ -101,9 +103,12 @@ def node_command(
     run_id: str | None = None,
     overrides: list[str] | None = None,
     max_restarts: int = 0,
+    resume: bool = False,
 ) -> list[str]:
     """The `tuneloop train` command one node of a cluster job runs. Values may be shell variables (`$NODE_RANK`),
-    which the scheduler's script expands; cluster launchers (tuneloop.cluster) build their specs from it."""
+    which the scheduler's script expands; cluster launchers (tuneloop.cluster) build their specs from it. With
+    `resume`, a requeued job continues its run (same --run-id) from the last checkpoint instead of starting over;
+    a first start has nothing to resume and begins the run."""
     command = ["tuneloop", "train", "-c", config_file, "--nproc", nproc, "--nnodes", nnodes]
     if rdzv_endpoint is not None:
         command += ["--rdzv-endpoint", rdzv_endpoint]
@@ -115,7 +120,7 @@ def node_command(
         command += ["--max-restarts", str(max_restarts)]
     for override in overrides or []:
         command += ["--set", override]
-    return command
+    return [*command, "--resume"] if resume else command
 
 
 def shell_join(command: list[str]) -> str:
@@ -136,6 +141,8 @@ def launch_distributed(
     others: the result is in node 0's workspace)."""
     topology.check()
     config = load_config(config_file, overrides)
+    for note in check_strategy(config.train, topology.world_size, has_gpu()):
+        console.print(f"[yellow]note:[/] {note}")
     prepared = prepare_dataset(config, workspace, console=console)
     base = configured_base(config, workspace)
     if base.kind != "hub":

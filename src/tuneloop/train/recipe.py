@@ -382,8 +382,7 @@ def _finalize(
     eval_loss = _final_eval_loss(trainer, config.train.keep_best) if prepared.has_validation else None
     train_loss = next((entry["loss"] for entry in reversed(trainer.state.log_history) if "loss" in entry), None)
     output = _save_outputs(trainer, tokenizer, run.base, run.paths.output(method))
-    if world_size() > 1:
-        _write_rank_report(trainer, run, config.train, throughput)
+    _write_rank_report(trainer, run, config.train, throughput)
     result = TrainResult(
         run_id=run.record.run_id,
         run_dir=str(run.paths.root),
@@ -481,6 +480,7 @@ def _write_rank_report(trainer: Any, run: _Run, settings: TrainConfig, throughpu
         frozen_local=frozen,
         trainable_sha256=digest.hexdigest(),
         tokens=throughput.local_tokens,
+        peak_memory_mb=round(peak_memory_mb(), 1),
     ).save(run.paths.rank_report(int(os.environ.get("RANK", "0"))))
 
 

@@ -3,7 +3,7 @@
 | strategy | GPU | CPU |
 |---|---|---|
 | ddp | Trainer + Accelerate DDP (NCCL) | Trainer + Accelerate DDP (gloo) |
-| fsdp | Trainer + Accelerate FSDP2 (`fsdp_version: 2`) | Trainer + tuneloop's FSDP2 (`fully_shard` over gloo, train/fsdp.py): Accelerate runs DDP instead on CPUs (measured) |
+| fsdp | Trainer + Accelerate FSDP2 (`fsdp_version: 2`) | Trainer + tuneloop's FSDP2 (`fully_shard` over gloo, train/fsdp.py): Accelerate runs DDP instead on CPUs (measured); QLoRA too (4-bit weights stored as the compute dtype) |
 | deepspeed_zero2/3 | Trainer's DeepSpeed integration, config generated here | refused: Accelerate enables DeepSpeed only with a GPU |
 """
 
@@ -44,12 +44,6 @@ def check_strategy(settings: TrainConfig, world_size: int, gpu: bool) -> list[st
                 "QLoRA with ZeRO-3: the 4-bit weights are stored as the compute dtype "
                 "(bnb_4bit_quant_storage) so DeepSpeed can partition them"
             )
-    if strategy == "fsdp" and settings.method == "qlora" and not gpu:
-        raise ConfigError(
-            f"{where}.strategy=fsdp with train.method=qlora is not supported on CPUs: bitsandbytes' 4-bit CPU "
-            "weights cannot be sharded by FSDP2",
-            hint="use strategy: ddp with qlora, or method: lora with fsdp",
-        )
     if strategy == "fsdp" and settings.method == "qlora":
         notes.append("QLoRA with FSDP: the 4-bit weights are stored as the compute dtype (bnb_4bit_quant_storage)")
     if strategy != "ddp" and world_size == 1:
