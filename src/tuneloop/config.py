@@ -218,7 +218,7 @@ class DistributedConfig(_Section):
             "`ddp`: every process holds the whole model, gradients are averaged (PyTorch DDP). `fsdp`: parameters, "
             "gradients and optimizer state are sharded across processes (PyTorch FSDP2 `fully_shard`; on CPUs, where "
             "Accelerate falls back to DDP, tuneloop applies it itself over gloo). `deepspeed_zero2`: optimizer state "
-            "and gradients sharded; `deepspeed_zero3`: parameters too (DeepSpeed, GPUs only)."
+            "and gradients sharded; `deepspeed_zero3`: parameters too (DeepSpeed; on CPUs its CPU accelerator over gloo)."
         ),
     )
     cpu_offload: bool = Field(

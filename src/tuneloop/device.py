@@ -4,6 +4,7 @@ A shared service: training, evaluation and serving all ask here, so `auto` means
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ def has_gpu() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+def settle_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed (which Transformers imports whenever it is installed) that a GPU-less machine is a CPU one:
+    it then skips its accelerator probe and the warning that probe prints on stdout of every model load."""
+    if "DS_ACCELERATOR" not in os.environ and not has_gpu():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def cpu_has_fast_bf16() -> bool:

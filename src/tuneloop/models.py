@@ -223,6 +223,9 @@ def load_model(
     """The one model loader (training, evaluation, serving, export): base or fully fine-tuned weights — a folder, a
     hub id, or a resolved base model — plus PEFT adapters by name (the first one becomes active). `load_kwargs` go to
     `from_pretrained` (e.g. a 4-bit `quantization_config`)."""
+    from tuneloop.device import settle_deepspeed_accelerator
+
+    settle_deepspeed_accelerator()
     from transformers import AutoModelForCausalLM
 
     if isinstance(weights, BaseModelRef):

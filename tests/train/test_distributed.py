@@ -104,6 +104,25 @@ def test_qlora_with_fsdp_shards_the_4bit_weights_too(fp32_config, tmp_path: Path
     assert summary["quantization"].startswith("bitsandbytes") and summary["eval_loss"] < 6.0
 
 
+@pytest.mark.parametrize(("strategy", "sharded"), [("deepspeed_zero2", False), ("deepspeed_zero3", True)])
+def test_deepspeed_trains_on_cpu_and_matches_ddp(fp32_config, tmp_path: Path, strategy: str, sharded: bool) -> None:
+    """DeepSpeed's CPU accelerator over gloo, through Transformers' integration and tuneloop's generated config.
+    ZeRO-2 partitions optimizer state and gradients (each rank still holds every parameter); ZeRO-3 the parameters too.
+    Its communication op is compiled with the C++ compiler on first use (once per machine)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is installed by `make setup`")
+    code, ddp, log = train(fp32_config, tmp_path / "ddp", "--nproc", "2")
+    assert code == 0, log[-3000:]
+    code, zero, log = train(fp32_config, tmp_path / "zero", "--nproc", "2", "--set", f"train.distributed={strategy}")
+    assert code == 0, log[-3000:]
+    assert zero["train_loss"] == pytest.approx(ddp["train_loss"], abs=1e-4)
+    whole, reports = rank_reports(Path(ddp["run_dir"]))[0], rank_reports(Path(zero["run_dir"]))
+    held = [report["trainable_local"] + report["frozen_local"] for report in reports]
+    total = whole["trainable_local"] + whole["frozen_local"]
+    assert all(0.4 < size / total <= 0.6 for size in held) if sharded else held == [total, total]
+    gathered, replicated = adapter_tensors(Path(zero["run_dir"])), adapter_tensors(Path(ddp["run_dir"]))
+    assert all(torch.allclose(gathered[name], replicated[name], atol=1e-5) for name in replicated)
+
+
 def validation_loss_with_plain_peft(run_dir: Path, dataset_id: str, workspace: Path) -> float:
     """The validation loss of the saved adapter loaded by PEFT alone (no tuneloop code on the model side)."""
     import pyarrow.parquet as pq
@@ -175,7 +194,7 @@ def test_plan_shows_per_rank_memory_and_one_command_per_node(tmp_path: Path) -> 
     assert (
         zero3["per_rank_mb"]["offloaded_to_host"] > 0 and zero3["deepspeed_config"]["zero_optimization"]["stage"] == 3
     )
-    assert "GPUs" in zero3["problem"]  # this machine has none: said, not hidden
+    assert zero3["problem"] is None and any("CPU accelerator" in note for note in zero3["notes"])
     assert len(fsdp["commands"]) == 2 and "--node-rank 1" in fsdp["commands"][1]
     assert all("--master-addr 10.0.0.1" in command for command in fsdp["commands"])
 
@@ -185,7 +204,6 @@ def test_plan_shows_per_rank_memory_and_one_command_per_node(tmp_path: Path) -> 
     [
         (["--set", "train.distributed={strategy: ddp, cpu_offload: true}"], "cpu_offload applies to fsdp"),
         (["--set", "train.distributed={strategy: fsdp, backend: nccl}"], "needs GPUs"),
-        (["--set", "train.distributed=deepspeed_zero2"], "needs GPUs"),
         (["--nnodes", "2", "--node-rank", "2", "--master-port", "29500"], "--node-rank 2 is not in 0..1"),
         (["--nnodes", "2"], "needs the address every node meets at"),
     ],

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tuneloop.errors import TuneloopError
 
@@ -72,9 +73,10 @@ def handles_errors(function: F) -> F:
             if as_json:
                 emit_json({"error": error.message, "hint": error.hint, "type": type(error).__name__})
             else:
-                stderr.print(f"[bold red]error:[/] {error.message}", highlight=False)
+                # Messages quote other tools (gloo, pip): their brackets are text, not markup.
+                stderr.print(f"[bold red]error:[/] {escape(error.message)}", highlight=False)
                 if error.hint:
-                    stderr.print(f"[yellow]hint:[/] {error.hint}", highlight=False)
+                    stderr.print(f"[yellow]hint:[/] {escape(error.hint)}", highlight=False)
             raise typer.Exit(2) from None
         finally:
             _JSON_OUT.reset(token)

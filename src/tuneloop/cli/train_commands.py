@@ -89,10 +89,14 @@ def train(
         from tuneloop.train.launch import launch_distributed
 
         result = launch_distributed(config_file, overrides or [], space, topology, resume, run_id, stderr)
-        if result is None:
-            stderr.print(f"node {node_rank} finished its share; the run's result is written by node 0")
+        if result is None:  # node 0 holds global rank 0 and writes the result (with c10d, torchrun picks ranks)
+            this_node = None if rdzv_endpoint else node_rank
+            stderr.print(
+                f"this node{'' if this_node is None else f' ({this_node})'} finished its share; "
+                "the run's result is written by the node holding rank 0"
+            )
             if as_json:
-                emit_json({"node_rank": node_rank, "finished": True})
+                emit_json({"node_rank": this_node, "finished": True})
             return
     else:
         from tuneloop.train.recipe import describe_failure, train_model

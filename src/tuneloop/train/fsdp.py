@@ -63,13 +63,19 @@ def full_state_dict(model: Any) -> dict[str, Any]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def local_sizes(model: Any) -> tuple[int, int]:
-    """(trainable, frozen) elements this rank holds: its shards, for sharded parameters."""
-    from torch.distributed.tensor import DTensor
+def local_tensor(parameter: Any) -> Any:
+    """What this rank holds of a parameter: its shard under FSDP2 (a DTensor's local part), its partition under
+    DeepSpeed ZeRO-3 (`ds_tensor`), else the whole tensor."""
+    if hasattr(parameter, "ds_tensor"):
+        return parameter.ds_tensor
+    return parameter.to_local() if hasattr(parameter, "to_local") else parameter
 
+
+def local_sizes(model: Any) -> tuple[int, int]:
+    """(trainable, frozen) elements this rank holds."""
     trainable = frozen = 0
     for parameter in model.parameters():
-        count = (parameter.to_local() if isinstance(parameter, DTensor) else parameter).numel()
+        count = local_tensor(parameter).numel()
         if parameter.requires_grad:
             trainable += count
         else:

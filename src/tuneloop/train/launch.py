@@ -67,23 +67,70 @@ class Topology:
             )
 
 
-def torchrun_options(topology: Topology, run_id: str) -> list[str]:
-    """torchrun's options for this node."""
+def torchrun_options(topology: Topology, run_id: str, timeout_seconds: int) -> list[str]:
+    """torchrun's options for this node. The rendezvous waits at most `timeout_seconds` for the other nodes."""
     options = ["--nproc-per-node", str(topology.nproc_per_node), "--nnodes", str(topology.nnodes)]
     if topology.rdzv_endpoint is not None:
+        host = topology.rdzv_endpoint.rsplit(":", 1)[0]
+        # torch decides who hosts the rendezvous store, and which address the workers are given, from the hostname,
+        # which often resolves to 127.0.0.1: say both explicitly instead.
+        hosting = int(is_local_address(host))
         options += ["--rdzv-backend", "c10d", "--rdzv-endpoint", topology.rdzv_endpoint, "--rdzv-id", run_id]
+        options += ["--rdzv-conf", f"is_host={hosting},join_timeout={timeout_seconds}"]
+        options += ["--local-addr", host if hosting else local_address_towards(host)]
     else:
         port = topology.master_port or free_port()
         options += ["--node-rank", str(topology.node_rank)]
         options += ["--master-addr", topology.master_addr, "--master-port", str(port)]
-    # --tee 3: every line of each worker's stdout/stderr on the console, prefixed with its rank.
+        options += ["--rdzv-conf", f"timeout={timeout_seconds}"]
+    # --tee 3: every line of each worker's stdout/stderr on the console, prefixed with its local rank.
     return [*options, "--max-restarts", str(topology.max_restarts), "--tee", "3"]
 
 
+def is_local_address(host: str) -> bool:
+    """Whether `host` is an address of this machine (binding to it succeeds)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((socket.gethostbyname(host), 0))
+        return True
+    except OSError:
+        return False
+
+
+def local_address_towards(host: str) -> str:
+    """This machine's address on the route to `host` (a UDP socket's connect sends nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((socket.gethostbyname(host), 9))
+        return str(probe.getsockname()[0])
+
+
+def interface_towards(host: str) -> str | None:
+    """The network interface that reaches `host`, for gloo (GLOO_SOCKET_IFNAME): without it gloo binds to whatever
+    the hostname resolves to, often loopback, and the other nodes cannot connect."""
+    import psutil
+
+    address = host if is_local_address(host) else local_address_towards(host)
+    for name, entries in psutil.net_if_addrs().items():
+        if any(entry.address == address for entry in entries):
+            return name
+    return None
+
+
 def worker_command(
-    topology: Topology, config_file: Path, workspace: Workspace, run_id: str, overrides: list[str], resume: bool
+    topology: Topology,
+    config: LoopConfig,
+    config_file: Path,
+    workspace: Workspace,
+    run_id: str,
+    overrides: list[str],
+    resume: bool,
 ) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_options(topology, run_id)]
+    timeout = config.train.distributed.timeout_minutes * 60
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_options(topology, run_id, timeout)]
     command += ["-m", "tuneloop.train.worker", "-c", str(config_file), "--run-id", run_id]
     command += ["--workspace", str(workspace.root)]
     for override in overrides:
@@ -148,9 +195,14 @@ def launch_distributed(
     if base.kind != "hub":
         materialize(base)
     run_id = settle_run_id(config, workspace, prepared.dataset_id, topology, resume, run_id)
-    command = worker_command(topology, config_file, workspace, run_id, overrides, resume)
-    console.print(f"node {topology.node_rank}: launching {topology.nproc_per_node} processes: {shell_join(command)}")
+    command = worker_command(topology, config, config_file, workspace, run_id, overrides, resume)
+    console.print(f"launching {topology.nproc_per_node} processes: {shell_join(command)}", highlight=False)
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if topology.multi_node and "GLOO_SOCKET_IFNAME" not in environment and not has_gpu():
+        meeting = topology.rdzv_endpoint.rsplit(":", 1)[0] if topology.rdzv_endpoint else topology.master_addr
+        interface = interface_towards(meeting)
+        if interface is not None:
+            environment["GLOO_SOCKET_IFNAME"] = interface
     # Workers report on stderr; stdout stays the parent's (one table, or one JSON object).
     completed = subprocess.run(command, env=environment, check=False, stdout=_stderr_fileno())
     if completed.returncode != 0:

@@ -21,7 +21,14 @@ from tuneloop.artifacts.dataset import PreparedDataset
 from tuneloop.artifacts.training import RunRecord, TrainResult
 from tuneloop.config import DataConfig, LoopConfig, TrainConfig, flatten
 from tuneloop.data.prepare import prepare_dataset
-from tuneloop.device import Precision, available_memory_mb, has_gpu, peak_memory_mb, resolve_precision
+from tuneloop.device import (
+    Precision,
+    available_memory_mb,
+    has_gpu,
+    peak_memory_mb,
+    resolve_precision,
+    settle_deepspeed_accelerator,
+)
 from tuneloop.errors import TuneloopError
 from tuneloop.models import (
     BaseModelRef,
@@ -101,6 +108,7 @@ def _setup_run(
     console: Console,
 ) -> _Run:
     """Precision, 4-bit backend, memory preflight and the run folder, before anything heavy is loaded."""
+    settle_deepspeed_accelerator()
     settings = config.train
     precision = resolve_precision(settings.precision)
     quantization = None
@@ -460,16 +468,15 @@ def _write_rank_report(trainer: Any, run: _Run, settings: TrainConfig, throughpu
     import socket
 
     from tuneloop.artifacts.training import RankReport
-    from tuneloop.train.fsdp import local_sizes
+    from tuneloop.train.fsdp import local_sizes, local_tensor
 
     model = trainer.model
     trainable, frozen = local_sizes(model)
     digest = hashlib.sha256()
     for name, parameter in sorted(model.named_parameters()):
         if parameter.requires_grad:
-            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
             digest.update(name.encode())
-            digest.update(local.detach().float().cpu().numpy().tobytes())
+            digest.update(local_tensor(parameter).detach().float().cpu().numpy().tobytes())
     RankReport(
         rank=int(os.environ.get("RANK", "0")),
         world_size=world_size(),

@@ -4,7 +4,7 @@
 |---|---|---|
 | ddp | Trainer + Accelerate DDP (NCCL) | Trainer + Accelerate DDP (gloo) |
 | fsdp | Trainer + Accelerate FSDP2 (`fsdp_version: 2`) | Trainer + tuneloop's FSDP2 (`fully_shard` over gloo, train/fsdp.py): Accelerate runs DDP instead on CPUs (measured); QLoRA too (4-bit weights stored as the compute dtype) |
-| deepspeed_zero2/3 | Trainer's DeepSpeed integration, config generated here | refused: Accelerate enables DeepSpeed only with a GPU |
+| deepspeed_zero2/3 | Trainer's DeepSpeed integration, config generated here | the same, over gloo (DeepSpeed's CPU accelerator; it compiles a small shared-memory op with the C++ compiler on first use) |
 """
 
 from __future__ import annotations
@@ -30,15 +30,17 @@ def check_strategy(settings: TrainConfig, world_size: int, gpu: bool) -> list[st
     if distributed.backend == "nccl" and not gpu:
         raise ConfigError(f"{where}.backend=nccl needs GPUs; this machine has none", hint="use backend: auto (gloo)")
     if strategy.startswith("deepspeed"):
-        if not gpu:
-            raise ConfigError(
-                f"{where}.strategy={strategy} needs GPUs: Accelerate turns DeepSpeed on only with a GPU, so on this "
-                "machine it would silently train with DDP",
-                hint="use strategy: fsdp (sharded, works on CPUs too) or ddp; `tuneloop train --plan` still shows the "
-                "DeepSpeed config and per-rank memory for a GPU cluster",
-            )
         if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(f"{where}.strategy={strategy} needs the deepspeed package", hint="pip install deepspeed")
+            raise ConfigError(
+                f"{where}.strategy={strategy} needs the deepspeed package, which is not installed",
+                hint="`make setup` installs it (on CPU machines: DS_BUILD_OPS=0 pip install --no-build-isolation "
+                "deepspeed); or use strategy: fsdp",
+            )
+        if not gpu:
+            notes.append(
+                f"{strategy} on CPUs runs DeepSpeed's CPU accelerator over gloo; its communication op is compiled "
+                "with the C++ compiler on first use (and cpu_adam for cpu_offload), once per machine"
+            )
         if settings.method == "qlora" and strategy == "deepspeed_zero3":
             notes.append(
                 "QLoRA with ZeRO-3: the 4-bit weights are stored as the compute dtype "

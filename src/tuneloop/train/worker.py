@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from tuneloop.config_file import load_config
 from tuneloop.errors import TuneloopError
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:
             raise describe_failure(error) from error
     except TuneloopError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         return 2
     return 0
 
