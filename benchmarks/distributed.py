@@ -4,7 +4,8 @@ processes with FSDP2 (tuneloop's `fully_shard` over gloo), same rows, same per-d
 Model: the bundled SmolLM2-135M-Instruct, LoRA r=16 all-linear. Rows: SST-2 train sentences (../shared/data/sst2) as
 instruction rows, packed to 256 tokens. Each variant is a real `tuneloop train` (torchrun for 2 processes); peak
 memory comes from each rank's report (runs/<id>/ranks/), tokens/s from the run summary (summed over ranks, training
-time only). On 2 cores, 2 processes share the machine: the point is the per-rank memory and that it runs, not
+time only). Peak memory includes loading the whole base model in every process before it is sharded; the
+resident memory at the end is the steady state. On 2 cores, 2 processes share the machine: the point is the per-rank memory and that it runs, not
 speed-up.
 
     .venv/bin/python benchmarks/distributed.py [--steps 10] [--rows 400]
@@ -24,7 +25,12 @@ from typing import Any
 import yaml
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
-VARIANTS = {"1 process": ("ddp", 1), "2 x DDP": ("ddp", 2), "2 x FSDP2": ("fsdp", 2)}
+VARIANTS = {
+    "1 process": ("ddp", 1),
+    "2 x DDP": ("ddp", 2),
+    "2 x FSDP2": ("fsdp", 2),
+    "2 x DeepSpeed ZeRO-3": ("deepspeed_zero3", 2),
+}
 
 
 def config(steps: int, rows: int, strategy: str) -> dict[str, Any]:
@@ -74,11 +80,13 @@ def run(name: str, workdir: Path, steps: int, rows: int) -> dict[str, Any]:
     summary = json.loads(result.stdout)
     ranks = [json.loads(p.read_text()) for p in sorted((Path(summary["run_dir"]) / "ranks").glob("rank-*.json"))]
     peaks = [rank["peak_memory_mb"] for rank in ranks] or [summary["peak_memory_mb"]]
+    steady = [rank["resident_mb_at_end"] for rank in ranks]
     held = [rank["trainable_local"] + rank["frozen_local"] for rank in ranks]
     return {
         "variant": name,
         "tokens_per_second": summary["tokens_per_second"],
         "peak_mb_per_rank": max(peaks),
+        "end_mb_per_rank": max(steady),
         "parameters_per_rank": max(held) if held else None,
         "train_loss": summary["train_loss"],
     }
@@ -95,14 +103,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tl-bench-dist-") as scratch:
         rows = [run(name, Path(scratch), args.steps, args.rows) for name in VARIANTS]
     baseline = rows[0]
-    print("\n| variant | tokens/s | vs 1 process | peak MiB per rank | parameters held per rank | train loss |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| variant | tokens/s | vs 1 process | peak MiB per rank | MiB per rank at end | parameters per rank | loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         held = "-" if row["parameters_per_rank"] is None else f"{row['parameters_per_rank']:,}"
         print(
             f"| {row['variant']} | {row['tokens_per_second']:,.0f} | "
             f"{row['tokens_per_second'] / baseline['tokens_per_second']:.2f}x | {row['peak_mb_per_rank']:,.0f} | "
-            f"{held} | {row['train_loss']:.4f} |"
+            f"{row['end_mb_per_rank']:,.0f} | {held} | {row['train_loss']:.4f} |"
         )
 
 

@@ -71,3 +71,6 @@ class RankReport(JsonArtifact):
     trainable_sha256: str = Field(description="Hash of this rank's trainable tensors (equal on all ranks under DDP).")
     tokens: int = Field(description="Real tokens this rank trained on.")
     peak_memory_mb: float = Field(0.0, description="This process's peak resident (CPU) or allocated (GPU) memory.")
+    resident_mb_at_end: float = Field(
+        0.0, description="Resident memory when training ended: the steady state, without the load-time peak."
+    )

@@ -467,6 +467,8 @@ def _write_rank_report(trainer: Any, run: _Run, settings: TrainConfig, throughpu
     import hashlib
     import socket
 
+    import psutil
+
     from tuneloop.artifacts.training import RankReport
     from tuneloop.train.fsdp import local_sizes, local_tensor
 
@@ -488,6 +490,7 @@ def _write_rank_report(trainer: Any, run: _Run, settings: TrainConfig, throughpu
         trainable_sha256=digest.hexdigest(),
         tokens=throughput.local_tokens,
         peak_memory_mb=round(peak_memory_mb(), 1),
+        resident_mb_at_end=round(psutil.Process().memory_info().rss / 2**20, 1),
     ).save(run.paths.rank_report(int(os.environ.get("RANK", "0"))))
 
 
