@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
+import sst2
+
 VARIANTS = {
     "1 process": ("ddp", 1),
     "2 x DDP": ("ddp", 2),
@@ -38,16 +39,7 @@ def config(steps: int, rows: int, strategy: str) -> dict[str, Any]:
         "project": {"name": "bench-distributed"},
         "model": {"base": "smollm2-135m-instruct"},
         "data": {
-            "sources": [
-                {
-                    "path": str(SST2),
-                    "format": "alpaca",
-                    "columns": {"input": "sentence", "output": "label"},
-                    "defaults": {"instruction": "Is the sentiment positive or negative? Answer with one word."},
-                    "value_map": {"output": {"0": "negative", "1": "positive"}},
-                    "limit": rows,
-                }
-            ],
+            "sources": [sst2.source(rows)],
             "max_seq_len": 256,
             "packing": True,
             "val_fraction": 0.05,
@@ -103,7 +95,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tl-bench-dist-") as scratch:
         rows = [run(name, Path(scratch), args.steps, args.rows) for name in VARIANTS]
     baseline = rows[0]
-    print("\n| variant | tokens/s | vs 1 process | peak MiB per rank | MiB per rank at end | parameters per rank | loss |")
+    print(
+        "\n| variant | tokens/s | vs 1 process | peak MiB per rank | MiB per rank at end | parameters per rank | loss |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         held = "-" if row["parameters_per_rank"] is None else f"{row['parameters_per_rank']:,}"

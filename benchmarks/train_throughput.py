@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
-INSTRUCTION = "Is the sentiment of this sentence positive or negative? Answer with one word."
+import sst2
+
 MAX_LEN = 256
 BATCH = 4
 VARIANTS = ("baseline", "tuneloop", "tuneloop-qkvo", "tuneloop-qlora")
@@ -47,16 +47,7 @@ def config_for(variant: str, workdir: Path, steps: int, rows: int) -> dict[str, 
         "project": {"name": f"bench-{variant}"},
         "model": {"base": "smollm2-135m-instruct"},
         "data": {
-            "sources": [
-                {
-                    "path": str(SST2),
-                    "format": "alpaca",
-                    "columns": {"input": "sentence", "output": "label"},
-                    "defaults": {"instruction": INSTRUCTION},
-                    "value_map": {"output": {"0": "negative", "1": "positive"}},
-                    "limit": rows,
-                }
-            ],
+            "sources": [sst2.source(rows)],
             "max_seq_len": MAX_LEN,
             "packing": True,
             "val_fraction": 0.05,
@@ -109,12 +100,12 @@ def run_baseline(workdir: Path, steps: int, rows: int) -> dict[str, Any]:
     folder = materialize(resolve_base("smollm2-135m-instruct", Workspace(workdir / "ws")))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     labels = {"0": "negative", "1": "positive"}
-    with SST2.open(encoding="utf-8") as handle:
+    with sst2.TRAIN_TSV.open(encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         texts = [
             tokenizer.apply_chat_template(
                 [
-                    {"role": "user", "content": f"{INSTRUCTION}\n\n{row['sentence']}"},
+                    {"role": "user", "content": f"{sst2.INSTRUCTION}\n\n{row['sentence']}"},
                     {"role": "assistant", "content": labels[row["label"]]},
                 ],
                 tokenize=False,
