@@ -1,5 +1,5 @@
-"""Distributed training on this CPU: tokens/s and peak memory per rank for 1 process, 2 processes with DDP, and 2
-processes with FSDP2 (tuneloop's `fully_shard` over gloo), same rows, same per-device batch, same steps.
+"""Distributed training on this CPU: tokens/s and memory per rank for 1 process and for 2 processes with DDP, FSDP2
+(tuneloop's `fully_shard` over gloo) and DeepSpeed ZeRO-3, same rows, same per-device batch, same steps.
 
 Model: the bundled SmolLM2-135M-Instruct, LoRA r=16 all-linear. Rows: SST-2 train sentences (../shared/data/sst2) as
 instruction rows, packed to 256 tokens. Each variant is a real `tuneloop train` (torchrun for 2 processes); peak
@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 
 import sst2
+from tuneloop.artifacts.training import RankReport
+from tuneloop.workspace import Workspace
 
 VARIANTS = {
     "1 process": ("ddp", 1),
@@ -70,7 +72,8 @@ def run(name: str, workdir: Path, steps: int, rows: int) -> dict[str, Any]:
     if result.returncode != 0:
         sys.exit(f"{name} failed:\n{result.stderr[-3000:]}")
     summary = json.loads(result.stdout)
-    ranks = [json.loads(p.read_text()) for p in sorted((Path(summary["run_dir"]) / "ranks").glob("rank-*.json"))]
+    run = Workspace(workdir / "ws").run(summary["run_id"])
+    ranks = [RankReport.load(run.rank_report(rank)).model_dump() for rank in range(processes)]
     peaks = [rank["peak_memory_mb"] for rank in ranks] or [summary["peak_memory_mb"]]
     steady = [rank["resident_mb_at_end"] for rank in ranks]
     held = [rank["trainable_local"] + rank["frozen_local"] for rank in ranks]

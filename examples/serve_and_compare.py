@@ -35,7 +35,7 @@ def main() -> None:
     question, expected = _validation_example(Workspace.from_env(None))
 
     port = free_port()
-    log_path = Workspace.from_env(None).root / "serve" / "demo-gateway.log"
+    log_path = Workspace.from_env(None).serve.log("demo-gateway")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen(
         [

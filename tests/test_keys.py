@@ -24,6 +24,16 @@ TABLE: list[tuple[str, tuple[bool, bool, bool]]] = [
     ("registry.name=some-model", (False, False, False)),
     ("serve.port=9001", (False, False, False)),
     ("train.sweep.prune=false", (False, False, False)),
+    # Operational settings: raising a timeout to resume a timed-out job must find the same run.
+    ("train.distributed.timeout_minutes=90", (False, False, False)),
+    ("train.distributed.backend=gloo", (False, False, False)),
+    ("train.preflight=warn", (False, False, False)),
+    ("train.report_to=[]", (False, False, False)),
+    ("train.num_threads=1", (False, False, False)),
+    ("train.logging_every=1", (False, False, False)),
+    # The strategy changes the checkpoints' format: a DDP checkpoint is no FSDP resume point.
+    ("train.distributed=fsdp", (False, True, True)),
+    ("train.distributed.cpu_offload=true", (False, True, True)),
     ("eval.limit=5", (False, False, True)),
     ("eval.max_new_tokens=7", (False, False, True)),
     ("eval.gates={perplexity_max: 10}", (False, False, True)),
@@ -64,6 +74,25 @@ def test_which_change_invalidates_which_step(project: Path, tmp_path: Path, over
     before = step_keys(project, workspace)
     after = step_keys(project, workspace, override)
     assert tuple(a != b for a, b in zip(before, after, strict=True)) == expected
+
+
+def test_other_keys(project: Path, tmp_path: Path) -> None:
+    """The sweep study follows training (not eval); a multi-node job's derived run id follows the run key and the
+    address the nodes meet at; a converted GGUF is named by the file's path, size and modification time."""
+    from tuneloop.keys import gguf_cache_name, job_run_id, sweep_study
+
+    config = load_config(project)
+    assert sweep_study(config, "w") == sweep_study(load_config(project, ["eval.limit=3"]), "w")
+    assert sweep_study(config, "w") != sweep_study(load_config(project, ["train.learning_rate=0.1"]), "w")
+    assert sweep_study(config, "w") != sweep_study(config, "other weights")
+    assert job_run_id("p", "key", "10.0.0.1:29500") == job_run_id("p", "key", "10.0.0.1:29500")
+    assert job_run_id("p", "key", "10.0.0.1:29500") != job_run_id("p", "key", "10.0.0.2:29500")
+    assert job_run_id("p", "key", "10.0.0.1:29500") != job_run_id("p", "other key", "10.0.0.1:29500")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF v1")
+    before = gguf_cache_name(gguf)
+    gguf.write_bytes(b"GGUF v2, new weights")
+    assert gguf_cache_name(gguf) != before
 
 
 def test_new_base_weights_at_the_same_path_retrain(project: Path, tmp_path: Path) -> None:

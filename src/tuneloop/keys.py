@@ -3,13 +3,13 @@
 | step                 | key                | made of                                                                  |
 |----------------------|--------------------|--------------------------------------------------------------------------|
 | data prepare         | `dataset_key`      | source file contents, `data` section (paths left out), tokenizer identity |
-| train                | `run_key`          | `train` section (without `sweep`), base weights content, dataset id      |
+| train                | `run_key`          | `train` minus operational keys (sweep, preflight, report_to, threads, logging, distributed timeout/backend), base weights content, dataset id |
 | eval (`tuneloop run`) | `eval_key`         | run id, `eval` section, dataset id                                       |
 | sweep study          | `sweep_study`      | project name + `train` (without `sweep`), `data`, base weights           |
 | GGUF of a base       | `gguf_base_key`    | base folder weights (name, size, mtime), quantisation type               |
 | GGUF of an adapter   | `gguf_adapter_key` | adapter folder content                                                   |
 | vLLM zero-LoRA       | `zero_lora_key`    | the template adapter's content                                           |
-| converted GGUF base  | `gguf_cache_name`  | the GGUF file's resolved path                                            |
+| converted GGUF base  | `gguf_cache_name`  | the GGUF file's resolved path, size and modification time               |
 | multi-node run id    | `job_run_id`       | project, run key, the rendezvous address (when no --run-id is given)     |
 
 Anything not named here (project name, registry, serve, eval settings for training) does not invalidate a step;
@@ -51,14 +51,37 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def tree_sha256(path: Path) -> str:
+def tree_sha256(path: Path, memo: Path | None = None) -> str:
     """Content hash of a file, or of every file under a folder (relative names included).
 
-    Memoised per process by each file's size and modification time: hashing a base model's weights (hundreds of
-    MB) once per command is enough."""
+    Memoised by each file's size and modification time, per process and, with `memo` (a JSON file), across
+    processes: a base model's weights (up to hundreds of GB) are read once, not by every worker of every run."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     stats = tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in files)
-    return _tree_sha256(path.resolve(), path.is_file(), stats)
+    if memo is None:
+        return _tree_sha256(path.resolve(), path.is_file(), stats)
+    signature = fingerprint(str(path.resolve()), stats)
+    known = _read_memo(memo)
+    if signature not in known:
+        known = {**_read_memo(memo), signature: _tree_sha256(path.resolve(), path.is_file(), stats)}
+        _write_memo(memo, known)
+    return str(known[signature])
+
+
+def _read_memo(memo: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads(memo.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return {}  # missing, or half-written by a concurrent process: hashing again is only slower
+
+
+def _write_memo(memo: Path, known: dict[str, str]) -> None:
+    import os
+
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    temporary = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(known), encoding="utf-8")
+    temporary.replace(memo)
 
 
 @cache
@@ -123,8 +146,10 @@ def job_run_id(project: str, key: str, meeting: str) -> str:
 
 # -- conversions and caches -----------------------------------------------------------------------------------------
 def gguf_cache_name(gguf_path: Path) -> str:
-    """The workspace folder a `.gguf` base model is converted into."""
-    return f"gguf-{gguf_path.stem[:40]}-{fingerprint(str(gguf_path.resolve()))[:10]}"
+    """The workspace folder a `.gguf` base model is converted into: new weights at the same path (size or
+    modification time changed) convert again."""
+    stat = gguf_path.stat()
+    return f"gguf-{gguf_path.stem[:40]}-{fingerprint(str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)[:10]}"
 
 
 def gguf_base_key(base_folder: Path, quant: str) -> str:
@@ -143,8 +168,18 @@ def zero_lora_key(template_adapter: Path) -> str:
     return tree_sha256(template_adapter)[:16]
 
 
+# Train settings that change how a run is operated, not what it computes: changing them resumes, not retrains.
+OPERATIONAL_TRAIN_KEYS = ("sweep", "preflight", "report_to", "num_threads", "logging_every")
+OPERATIONAL_DISTRIBUTED_KEYS = ("timeout_minutes", "backend")
+
+
 def _train_without_sweep(config: LoopConfig) -> dict[str, Any]:
-    return {key: value for key, value in config.section_dump("train").items() if key != "sweep"}
+    """The `train` section minus its operational settings (the strategy stays: checkpoints differ between them)."""
+    train = {key: value for key, value in config.section_dump("train").items() if key not in OPERATIONAL_TRAIN_KEYS}
+    train["distributed"] = {
+        key: value for key, value in train["distributed"].items() if key not in OPERATIONAL_DISTRIBUTED_KEYS
+    }
+    return train
 
 
 def _slug(text: str) -> str:

@@ -181,12 +181,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     )
 
 
-def base_weights_fingerprint(ref: BaseModelRef) -> str:
-    """Content hash of the base weights (the GGUF file, or the model folder)."""
+def base_weights_fingerprint(ref: BaseModelRef, memo: Path | None = None) -> str:
+    """Content hash of the base weights (the GGUF file, or the model folder); `memo` keeps it across processes."""
     if ref.gguf_path is not None:
-        return tree_sha256(ref.gguf_path)
+        return tree_sha256(ref.gguf_path, memo)
     if ref.folder is not None:
-        return tree_sha256(ref.folder)
+        return tree_sha256(ref.folder, memo)
     return f"hub:{ref.hub_id}"
 
 

@@ -51,8 +51,11 @@ class Tracker:
         location = workspace.mlflow_artifacts(experiment).as_uri() if uri.startswith("sqlite") else None
         try:
             return cls(client, client.create_experiment(experiment, artifact_location=location))
-        except Exception:  # created by a concurrent run meanwhile
-            return cls(client, client.get_experiment_by_name(experiment).experiment_id)
+        except Exception:
+            concurrent = client.get_experiment_by_name(experiment)  # created by a concurrent run meanwhile?
+            if concurrent is None:
+                raise
+            return cls(client, concurrent.experiment_id)
 
     def start_run(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         from mlflow.entities import Param

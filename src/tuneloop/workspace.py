@@ -106,6 +106,10 @@ class RunPaths:
     tensorboard = _child("tensorboard")
     evals = _child("eval", "Evaluation reports of this run, one folder each (`EvalPaths`).")
 
+    def new_eval(self, labels: str) -> EvalPaths:
+        """A new report folder for this run's evaluation of `labels` (e.g. `tuned-vs-base`)."""
+        return _new_eval(self.evals, labels)
+
     def rank_report(self, rank: int) -> Path:
         """What one process of a multi-process run held and trained (`RankReport`)."""
         return self.root / "ranks" / f"rank-{rank}.json"
@@ -141,8 +145,9 @@ class ServePaths:
     files = _child("files", "Uploaded files of the OpenAI Files API (metadata + content).")
     batches = _child("batches", "Batch jobs of the OpenAI Batches API.")
 
-    def engine_log(self, engine: str) -> Path:
-        return self.root / f"{engine}.log"
+    def log(self, process: str) -> Path:
+        """The output of a server process the gateway (or the demo) started: `vllm`, `llamacpp`, `demo-gateway`."""
+        return self.root / f"{process}.log"
 
 
 @dataclass(frozen=True)
@@ -219,17 +224,26 @@ class Workspace:
             raise ValueError(f"invalid model name {name!r}")
         return VersionPaths(path)
 
+    def new_eval(self, labels: str) -> EvalPaths:
+        """A new report folder for evaluating models that are not runs (base, folders, registry names)."""
+        return _new_eval(self.evals, labels)
+
     def export_dir(self, reference: str, fmt: str) -> Path:
         return self.exports / f"{_slug(reference)}-{fmt}"
 
     # -- caches ----------------------------------------------------------------------------------------------------
     def base_model_cache(self, name: str) -> Path:
-        """A base model converted to safetensors, named by `tuneloop.keys.base_cache_name`."""
+        """A base model converted to safetensors (a bundled alias, or `keys.gguf_cache_name` of a .gguf file)."""
         return self.models / name
 
     def builtin_data(self, name: str, generator_version: int, rows: int) -> Path:
         """A generated built-in dataset (`builtin:NAME` sources), once per generator version and row count."""
         return self.cache / f"builtin-{name}-v{generator_version}-{rows}.jsonl"
+
+    @property
+    def content_hashes(self) -> Path:
+        """Content hashes of big files by path, size and mtime (`keys.tree_sha256`'s memo)."""
+        return self.cache / "content-hashes.json"
 
     def gguf_cache(self, key: str) -> Path:
         """A GGUF conversion (base or LoRA), named by its key from `tuneloop.keys`."""
@@ -241,6 +255,18 @@ class Workspace:
     def registry_download(self, source: str) -> Path:
         """A registry artifact downloaded from a remote MLflow store."""
         return self.cache / "registry-downloads" / _slug(source)[-120:]
+
+
+def _new_eval(parent: Path, labels: str) -> EvalPaths:
+    """`<time>-<labels>`, sortable by time; a second report in the same second gets a suffix instead of mixing."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, number = parent / f"{stamp}-{labels}", 1
+    while candidate.exists():
+        number += 1
+        candidate = parent / f"{stamp}-{labels}-{number}"
+    return EvalPaths(candidate)
 
 
 def _slug(text: str) -> str:

@@ -108,3 +108,13 @@ def test_default_price_table_and_a_broken_one(measured_workspace: Path, tmp_path
     broken.write_text("compute:\n  box: {serving_tokens_per_second: 5}\n")
     result = runner.invoke(app, ["cost", "--prices", str(broken), "--workspace", str(measured_workspace)])
     assert result.exit_code == 2 and "compute.box needs usd_per_hour or usd_per_second" in result.output
+
+
+def test_a_multi_node_run_pays_for_every_machine() -> None:
+    from tuneloop.cost.estimate import Measured, estimate_costs
+
+    table = {"compute": {"node": {"usd_per_hour": 1.0, "training_tokens_per_second": "measured"}}}
+    one = Measured(training_tokens=3600, training_tokens_per_second=1.0)
+    two = Measured(training_tokens=3600, training_tokens_per_second=1.0, training_nodes=2)
+    assert estimate_costs(table, one)["usd_per_training_run"]["node"] == pytest.approx(1.0)
+    assert estimate_costs(table, two)["usd_per_training_run"]["node"] == pytest.approx(2.0)

@@ -48,6 +48,8 @@ class TrainResult(JsonArtifact):
     resumed_from: str | None
     memory_estimate_mb: float
     model_memory_mb: float
+    world_size: int = Field(1, description="Training processes, over all nodes.")
+    nodes: int = Field(1, description="Machines the run used (each billed for the whole run in `tuneloop cost`).")
 
     @property
     def output(self) -> Path:

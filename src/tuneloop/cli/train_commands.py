@@ -63,6 +63,11 @@ def train(
 
     config = load_config(config_file, overrides)
     space = Workspace.from_env(workspace)
+    if sweep and (plan or nproc > 1 or nnodes > 1):
+        raise TuneloopError(
+            "--sweep runs its trials one process at a time; it does not combine with --plan, --nproc or --nnodes",
+            hint="sweep on one process, then train the best trial's settings with --nproc/--nnodes",
+        )
     if sweep:
         from tuneloop.train.sweep import run_sweep
 

@@ -40,7 +40,6 @@ DATA_SIZE = "50Gi"
 DATA_LOADER = "tuneloop-data-loader"
 LOADER_IMAGE = "busybox:1.37"
 # What the torch runtime injects into the trainer container (Kubeflow Trainer: pkg/constants, TorchEnv*).
-PET_VARIABLES = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 
 
 def config_map_name(job: ClusterJob) -> str:

@@ -16,10 +16,10 @@ from tuneloop.cluster.job import (
     mapping_table,
     overrides_note,
 )
-from tuneloop.train.launch import shell_join
+from tuneloop.train.launch import DEFAULT_MASTER_PORT, shell_join
 
 TASK_NAME = "task.yaml"
-MASTER_PORT = "29500"  # torchrun's usual port: SkyPilot gives the job whole machines
+MASTER_PORT = str(DEFAULT_MASTER_PORT)  # torchrun's usual port: SkyPilot gives the job whole machines
 INSTALL_ENV = "TUNELOOP_INSTALL"
 WORKSPACE = "~/tuneloop-workspace"  # outside the workdir, which SkyPilot re-uploads on every launch
 

@@ -25,6 +25,7 @@ class Measured:
     training_tokens: int | None = None
     training_tokens_per_second: float | None = None
     training_wall_seconds: float | None = None
+    training_nodes: int = 1  # machines the run used: each is billed for the whole run
     serving_tokens_per_second: float | None = None
     run_id: str | None = None
     serving_source: str | None = None
@@ -60,7 +61,7 @@ def estimate_costs(table: dict[str, Any], measured: Measured) -> dict[str, Any]:
         million = round(usd_per_hour / (serving * 3600) * 1e6, 4) if serving else None
         run = None
         if training and measured.training_tokens:
-            run = round(usd_per_hour * measured.training_tokens / training / 3600, 6)
+            run = round(usd_per_hour * measured.training_nodes * measured.training_tokens / training / 3600, 6)
         per_million[name], per_run[name] = million, run
         rows.append(
             {

@@ -36,6 +36,7 @@ def cost_for_run(
         measured.training_tokens = result.tokens
         measured.training_tokens_per_second = result.tokens_per_second
         measured.training_wall_seconds = result.wall_seconds
+        measured.training_nodes = result.nodes
     if bench is not None:
         measured.serving_tokens_per_second = float(json.loads(bench.read_text())["output_tokens_per_second"])
         measured.serving_source = f"bench {bench}"

@@ -250,10 +250,10 @@ def _text_metrics(
 
 def _report_dir(workspace: Workspace, primary: ModelSpec, outcomes: list[ModelOutcome]) -> EvalPaths:
     """A run's reports go into its `eval/`; other models' into the workspace's `evals/`."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     labels = "-vs-".join(outcome.spec.label for outcome in outcomes)
-    parent = primary.run.evals if primary.run else workspace.evals
-    return EvalPaths(workspace.ensure(parent / f"{stamp}-{labels}"))
+    report = primary.run.new_eval(labels) if primary.run else workspace.new_eval(labels)
+    workspace.ensure(report.root)
+    return report
 
 
 def _log_to_mlflow(

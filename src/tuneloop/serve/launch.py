@@ -122,7 +122,7 @@ def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str]
             adapters,
             python=vllm_python,
             max_model_len=context,
-            log_file=workspace.serve.engine_log("vllm"),
+            log_file=workspace.serve.log("vllm"),
             zero_lora_dir=workspace.zero_lora_cache(zero_lora_key(next(iter(adapters.values())))) if adapters else None,
         )
     if engine == "llamacpp":
@@ -135,7 +135,7 @@ def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str]
             {name: gguf_for_adapter(base_folder, adapter, workspace) for name, adapter in adapters.items()},
             _llama_server_or_error(llama_server),
             max_model_len=context,
-            log_file=workspace.serve.engine_log("llamacpp"),
+            log_file=workspace.serve.log("llamacpp"),
         )
     from tuneloop.device import resolve_precision
     from tuneloop.serve.engines.transformers_engine import TransformersEngine
@@ -196,7 +196,7 @@ def _merged_gguf_engine(settings: ServeConfig, workspace: Workspace, refs: list[
         {},
         _llama_server_or_error(server),
         max_model_len=settings.max_model_len,
-        log_file=workspace.serve.engine_log("llamacpp"),
+        log_file=workspace.serve.log("llamacpp"),
     )
 
 

@@ -72,7 +72,9 @@ def _sum_over_processes(value: int) -> int:
         return value
     import torch
 
-    total = torch.tensor([value], dtype=torch.long)
+    # NCCL reduces only GPU tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(total)
     return int(total.item())
 

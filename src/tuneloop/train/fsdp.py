@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
 
 from tuneloop.config import DistributedConfig
 
 SHARDED = "sharded"  # DCP folder inside a checkpoint (Trainer's own layout: checkpoint-N/)
-SCHEDULER = "scheduler.pt"  # Trainer's name for the scheduler state, so its own resume logic finds it
+
+
+def _options(loading: bool) -> Any:
+    """Frozen weights (a LoRA run's base) stay out of the checkpoints: they come from the base model itself."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=not loading)
 
 
 def shard_model(model: Any, settings: DistributedConfig, compute_dtype: Any) -> Any:
@@ -106,10 +113,10 @@ class ShardedTrainer(Trainer):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_options(loading=False))
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=Path(output_dir) / SHARDED)
         if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER)
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Nothing here: the shards are restored together with the optimizer (`_load_optimizer_and_scheduler`)."""
@@ -121,11 +128,17 @@ class ShardedTrainer(Trainer):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_options(loading=False))
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDED)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER, weights_only=True))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=_options(loading=True),
+        )
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
     def _load_best_model(self) -> None:
         import torch.distributed.checkpoint as dcp
@@ -134,6 +147,6 @@ class ShardedTrainer(Trainer):
         best = self.state.best_model_checkpoint
         if best is None:
             return
-        state = {"model": get_model_state_dict(self.model)}
+        state = {"model": get_model_state_dict(self.model, options=_options(loading=False))}
         dcp.load(state, checkpoint_id=Path(best) / SHARDED)
-        set_model_state_dict(self.model, state["model"])
+        set_model_state_dict(self.model, state["model"], options=_options(loading=True))

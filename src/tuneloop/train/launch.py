@@ -33,6 +33,9 @@ from tuneloop.train.runs import find_resumable, run_key_for
 from tuneloop.train.strategies import check_strategy
 from tuneloop.workspace import Workspace
 
+# torchrun's own default, which cluster specs and `--plan` write when no port is given.
+DEFAULT_MASTER_PORT = 29500
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -54,6 +57,11 @@ class Topology:
     def multi_node(self) -> bool:
         return self.nnodes > 1
 
+    @property
+    def meeting_host(self) -> str:
+        """The host the nodes meet at: node 0's address, or the rendezvous endpoint's."""
+        return self.rdzv_endpoint.rsplit(":", 1)[0] if self.rdzv_endpoint else self.master_addr
+
     def check(self) -> None:
         """Refuse what torchrun would only fail on later (or hang on)."""
         if self.nproc_per_node < 1 or self.nnodes < 1:
@@ -71,7 +79,7 @@ def torchrun_options(topology: Topology, run_id: str, timeout_seconds: int) -> l
     """torchrun's options for this node. The rendezvous waits at most `timeout_seconds` for the other nodes."""
     options = ["--nproc-per-node", str(topology.nproc_per_node), "--nnodes", str(topology.nnodes)]
     if topology.rdzv_endpoint is not None:
-        host = topology.rdzv_endpoint.rsplit(":", 1)[0]
+        host = topology.meeting_host
         # torch decides who hosts the rendezvous store, and which address the workers are given, from the hostname,
         # which often resolves to 127.0.0.1: say both explicitly instead.
         hosting = int(is_local_address(host))
@@ -111,9 +119,11 @@ def local_address_towards(host: str) -> str:
 def interface_towards(host: str) -> str | None:
     """The network interface that reaches `host`, for gloo (GLOO_SOCKET_IFNAME): without it gloo binds to whatever
     the hostname resolves to, often loopback, and the other nodes cannot connect."""
+    import socket
+
     import psutil
 
-    address = host if is_local_address(host) else local_address_towards(host)
+    address = socket.gethostbyname(host) if is_local_address(host) else local_address_towards(host)
     for name, entries in psutil.net_if_addrs().items():
         if any(entry.address == address for entry in entries):
             return name
@@ -121,13 +131,7 @@ def interface_towards(host: str) -> str | None:
 
 
 def worker_command(
-    topology: Topology,
-    config: LoopConfig,
-    config_file: Path,
-    workspace: Workspace,
-    run_id: str,
-    overrides: list[str],
-    resume: bool,
+    topology: Topology, config: LoopConfig, config_file: Path, workspace: Workspace, run_id: str, overrides: list[str]
 ) -> list[str]:
     timeout = config.train.distributed.timeout_minutes * 60
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_options(topology, run_id, timeout)]
@@ -135,7 +139,9 @@ def worker_command(
     command += ["--workspace", str(workspace.root)]
     for override in overrides:
         command += ["--set", override]
-    return [*command, "--resume"] if resume else command
+    # Always --resume: the run id is settled, so a worker restarted by torchrun (--max-restarts) continues from the
+    # last checkpoint instead of training from step 0 in the same folder; a first start has nothing to resume.
+    return [*command, "--resume"]
 
 
 def node_command(
@@ -195,12 +201,12 @@ def launch_distributed(
     if base.kind != "hub":
         materialize(base)
     run_id = settle_run_id(config, workspace, prepared.dataset_id, topology, resume, run_id)
-    command = worker_command(topology, config, config_file, workspace, run_id, overrides, resume)
+    command = worker_command(topology, config, config_file, workspace, run_id, overrides)
     console.print(f"launching {topology.nproc_per_node} processes: {shell_join(command)}", highlight=False)
-    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # OMP_NUM_THREADS: torchrun sets 1 per worker when several share a node, and leaves a lone worker all cores.
+    environment = dict(os.environ)
     if topology.multi_node and "GLOO_SOCKET_IFNAME" not in environment and not has_gpu():
-        meeting = topology.rdzv_endpoint.rsplit(":", 1)[0] if topology.rdzv_endpoint else topology.master_addr
-        interface = interface_towards(meeting)
+        interface = interface_towards(topology.meeting_host)
         if interface is not None:
             environment["GLOO_SOCKET_IFNAME"] = interface
     # Workers report on stderr; stdout stays the parent's (one table, or one JSON object).
@@ -211,8 +217,20 @@ def launch_distributed(
             hint="see the workers' output above (each line starts with its rank); resume with the same command "
             "and --resume",
         )
-    summary = workspace.run(run_id).summary
-    return TrainResult.load(summary) if summary.exists() else None
+    return TrainResult.load(workspace.run(run_id).summary) if holds_rank_zero(topology, workspace, run_id) else None
+
+
+def holds_rank_zero(topology: Topology, workspace: Workspace, run_id: str) -> bool:
+    """Whether this node ran global rank 0 (and so wrote the result). Decided from the node's rank, or with c10d
+    (torchrun assigns ranks) from rank 0's report: a shared workspace shows the result to every node."""
+    if topology.rdzv_endpoint is None:
+        return topology.node_rank == 0
+    import socket
+
+    from tuneloop.artifacts.training import RankReport
+
+    report = workspace.run(run_id).rank_report(0)
+    return report.exists() and RankReport.load(report).host == socket.gethostname()
 
 
 def settle_run_id(

@@ -97,14 +97,25 @@ def _per_rank(
     return weights / world + layer, state / world, 0.0
 
 
-def preflight(estimate: MemoryEstimate, available_mb: float, mode: str) -> str | None:
+# The share of the available memory an estimate may take before the preflight warns (the estimate is rough).
+FITS_SHARE = 0.8
+
+
+def fits(estimate: MemoryEstimate, available_mb: float, host_offload: bool) -> bool:
+    """Whether the estimate fits; with `host_offload` (a CPU run) what `cpu_offload` moves is the same memory."""
+    return needed_mb(estimate, host_offload) <= FITS_SHARE * available_mb
+
+
+def needed_mb(estimate: MemoryEstimate, host_offload: bool) -> float:
+    return estimate.total_mb + (estimate.offloaded_mb if host_offload else 0.0)
+
+
+def preflight(estimate: MemoryEstimate, available_mb: float, mode: str, host_offload: bool = False) -> str | None:
     """Returns a warning to show, raises when the run will not fit and mode is "stop"."""
-    if mode == "off":
-        return None
-    if estimate.total_mb <= 0.8 * available_mb:
+    if mode == "off" or fits(estimate, available_mb, host_offload):
         return None
     message = (
-        f"memory preflight: the run needs ~{estimate.total_mb:,.0f} MiB "
+        f"memory preflight: the run needs ~{needed_mb(estimate, host_offload):,.0f} MiB per process "
         f"(weights {estimate.weights_mb:,.0f}, optimizer+grads {estimate.trainable_state_mb:,.0f}, "
         f"activations {estimate.activations_mb:,.0f}) and {available_mb:,.0f} MiB are available"
     )
@@ -112,6 +123,6 @@ def preflight(estimate: MemoryEstimate, available_mb: float, mode: str) -> str |
         "lower train.batch_size (raise train.grad_accum to keep the effective batch), lower data.max_seq_len, "
         "turn on train.gradient_checkpointing, or use train.method=qlora; train.preflight=warn runs anyway"
     )
-    if estimate.total_mb > available_mb and mode == "stop":
+    if needed_mb(estimate, host_offload) > available_mb and mode == "stop":
         raise TuneloopError(message, hint=advice)
     return f"{message}; {advice}"

@@ -10,7 +10,8 @@ from tuneloop.config import LoopConfig
 from tuneloop.device import available_memory_mb, has_gpu, resolve_precision
 from tuneloop.errors import ConfigError
 from tuneloop.models import configured_base
-from tuneloop.train.launch import Topology, node_command, shell_join
+from tuneloop.train.launch import DEFAULT_MASTER_PORT, Topology, node_command, shell_join
+from tuneloop.train.memory import fits
 from tuneloop.train.recipe import estimate_for
 from tuneloop.train.strategies import check_strategy, deepspeed_config
 from tuneloop.workspace import Workspace
@@ -40,7 +41,7 @@ def plan_training(
                 nnodes=str(topology.nnodes),
                 node_rank=None if topology.rdzv_endpoint else str(node),
                 master_addr=master,
-                master_port=str(topology.master_port or 29500),
+                master_port=str(topology.master_port or DEFAULT_MASTER_PORT),
                 rdzv_endpoint=topology.rdzv_endpoint,
                 overrides=overrides,
                 max_restarts=topology.max_restarts,
@@ -65,7 +66,7 @@ def plan_training(
             "offloaded_to_host": round(estimate.offloaded_mb),
         },
         "available_here_per_rank_mb": round(here_mb),
-        "fits_here": estimate.total_mb <= 0.8 * here_mb,
+        "fits_here": fits(estimate, here_mb, host_offload=not gpu),
         "device": "gpu" if gpu else "cpu",
         "notes": notes,
         "problem": problem,

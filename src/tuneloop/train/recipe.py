@@ -3,7 +3,8 @@
 Thin wiring over the libraries that do the work: Transformers' Trainer (loop, schedules, checkpoints, exact resume,
 DDP through Accelerate), PEFT (LoRA/DoRA/rsLoRA), bitsandbytes (NF4). tuneloop adds the choices that make it fast and
 safe on the machine at hand (packing, precision, the 4-bit CPU fix, the memory preflight) and the bookkeeping
-(run folder, MLflow, summary). `train_model` reads top to bottom; each `_setup_*` takes only its own section.
+(run folder, MLflow, summary). `train_model` reads top to bottom; `_setup_model`, `_setup_data` and
+`_setup_callbacks` take only their own section (the run's setup and tracking need the whole config: they log it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tuneloop.models import (
 )
 from tuneloop.train.memory import MemoryEstimate, estimate_memory, preflight
 from tuneloop.train.runs import open_run
-from tuneloop.train.strategies import check_strategy, quant_storage_dtype, trainer_arguments, uses_tuneloop_fsdp
+from tuneloop.train.strategies import check_strategy, shards_4bit_weights, trainer_arguments, uses_tuneloop_fsdp
 from tuneloop.workspace import RunPaths, Workspace
 
 
@@ -56,6 +57,10 @@ class _Run:
     precision: Precision
     quantization: str | None
     estimate: MemoryEstimate
+
+
+def _quiet() -> Console:
+    return Console(stderr=True, quiet=True)
 
 
 def is_main_process() -> bool:
@@ -75,7 +80,7 @@ def train_model(
     """Train per `config.train`; with `resume`, continue the newest unfinished run of the same config."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    prepared = prepared or prepare_dataset(config, workspace, console=Console(stderr=True, quiet=not is_main_process()))
+    prepared = prepared or prepare_dataset(config, workspace, console=console if is_main_process() else _quiet())
     run = _setup_run(config, workspace, prepared, resume, run_id, console)
     tokenizer = load_tokenizer(run.base, config.chat_template_spec())
     model, model_memory_mb = _setup_model(config.train, run.base, run.precision)
@@ -117,13 +122,13 @@ def _setup_run(
 
         quantization = require_four_bit_backend().describe()
     base = configured_base(config, workspace)
-    base_weights = base_weights_fingerprint(base)
+    base_weights = base_weights_fingerprint(base, workspace.content_hashes)
     quiet = not is_main_process()
     for note in check_strategy(settings, world_size(), has_gpu()):
         if not quiet:
             console.print(f"[yellow]note:[/] {note}")
     estimate = estimate_for(config, base, prepared, precision.name, world_size())
-    warning = preflight(estimate, available_memory_mb() / local_world_size(), settings.preflight)
+    warning = preflight(estimate, memory_per_rank_mb(), settings.preflight, host_offload=not has_gpu())
     if warning and not quiet:
         console.print(f"[yellow]warning:[/] {warning}")
     record, checkpoint = open_run(config, workspace, base_weights, prepared.dataset_id, resume, run_id, console)
@@ -166,9 +171,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_world_size() -> int:
-    """Processes sharing this machine's memory (torchrun sets it)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+def memory_per_rank_mb() -> float:
+    """What one process may use: its own GPU, or its share of the host's memory (torchrun's LOCAL_WORLD_SIZE
+    processes share it)."""
+    if has_gpu():
+        return available_memory_mb()
+    return available_memory_mb() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _setup_model(settings: TrainConfig, base: BaseModelRef, precision: Precision) -> tuple[Any, float]:
@@ -181,7 +189,7 @@ def _setup_model(settings: TrainConfig, base: BaseModelRef, precision: Precision
         torch.set_num_threads(settings.num_threads)
     set_seed(settings.seed)
     model = load_base_for_training(
-        base, settings.method, precision, settings.gradient_checkpointing, quant_storage_dtype(settings)
+        base, settings.method, precision, settings.gradient_checkpointing, shards_4bit_weights(settings)
     )
     model_memory_mb = round(model.get_memory_footprint() / 2**20, 1)
     if settings.method in ("lora", "qlora"):
@@ -326,8 +334,8 @@ def _training_arguments(settings: TrainConfig, paths: RunPaths, precision: Preci
     trackers = [name for name in settings.report_to if name != "mlflow"]
     if "wandb" in trackers:
         os.environ.setdefault("WANDB_MODE", "offline")
-    if "tensorboard" in trackers:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(paths.tensorboard))
+    if "tensorboard" in trackers:  # set, not defaulted: each run (each sweep trial) logs into its own folder
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)
     use_16bit_autocast = settings.method != "qlora" or precision.name != "fp32"
     return TrainingArguments(
         output_dir=str(paths.checkpoints),
@@ -413,6 +421,8 @@ def _finalize(
         resumed_from=str(run.checkpoint) if run.checkpoint else None,
         memory_estimate_mb=round(run.estimate.total_mb),
         model_memory_mb=model_memory_mb,
+        world_size=world_size(),
+        nodes=world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
     if not is_main_process():
         return result

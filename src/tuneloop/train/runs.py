@@ -13,6 +13,7 @@ from rich.console import Console
 
 from tuneloop.artifacts.training import RunRecord, TrainResult
 from tuneloop.config import LoopConfig
+from tuneloop.errors import TuneloopError
 from tuneloop.keys import new_run_id, run_key
 from tuneloop.models import base_weights_fingerprint, configured_base
 from tuneloop.workspace import RunPaths, Workspace
@@ -20,7 +21,9 @@ from tuneloop.workspace import RunPaths, Workspace
 
 def run_key_for(config: LoopConfig, workspace: Workspace, dataset_id: str) -> str:
     """The run key of `config` on a prepared dataset (resolves the base model and hashes its weights)."""
-    return run_key(config, base_weights_fingerprint(configured_base(config, workspace)), dataset_id)
+    return run_key(
+        config, base_weights_fingerprint(configured_base(config, workspace), workspace.content_hashes), dataset_id
+    )
 
 
 def open_run(
@@ -38,10 +41,19 @@ def open_run(
     if run_id is not None and workspace.run(run_id).record.exists():
         paths = workspace.run(run_id)
         record = RunRecord.load(paths.record)
+        if record.key != key:
+            raise TuneloopError(
+                f"run {run_id} was started with another config, base model or dataset (run key {record.key[:12]}, "
+                f"this config {key[:12]}): its checkpoints do not fit",
+                hint="use a new --run-id for this config, or the config the run was started with",
+            )
+        if record.status == "finished" and paths.summary.exists():
+            raise TuneloopError(
+                f"run {run_id} has already finished", hint="use a new --run-id to train again (e.g. a new job id)"
+            )
         checkpoint = last_checkpoint(paths) if resume else None
-        if checkpoint is not None:
-            record.attempts += 1
-            record.status = "running"
+        record.attempts += 1
+        record.status = "running"
         return record, checkpoint
     if resume and run_id is None:
         found = find_resumable(workspace, key)
@@ -80,7 +92,9 @@ def find_resumable(workspace: Workspace, key: str) -> RunRecord | None:
     candidates = [
         record
         for record in _records(workspace)
-        if record.key == key and record.status != "finished" and last_checkpoint(workspace.run(record.run_id))
+        if record.key == key
+        and record.status in ("running", "failed")  # a pruned trial is over, not interrupted
+        and last_checkpoint(workspace.run(record.run_id))
     ]
     return max(candidates, key=lambda record: record.created_at, default=None)
 

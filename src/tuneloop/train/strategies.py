@@ -53,7 +53,7 @@ def check_strategy(settings: TrainConfig, world_size: int, gpu: bool) -> list[st
     return notes
 
 
-def quant_storage_dtype(settings: TrainConfig) -> bool:
+def shards_4bit_weights(settings: TrainConfig) -> bool:
     """Whether 4-bit weights must be stored as the compute dtype (FSDP and ZeRO-3 shard them as ordinary tensors)."""
     return settings.method == "qlora" and settings.distributed.strategy in ("fsdp", "deepspeed_zero3")
 
@@ -77,7 +77,6 @@ def trainer_arguments(settings: TrainConfig, world_size: int, gpu: bool, precisi
             "fsdp_version": 2,
             "reshard_after_forward": distributed.reshard_after_forward,
             "state_dict_type": "SHARDED_STATE_DICT",
-            "cpu_ram_efficient_loading": True,
         }
     if distributed.strategy.startswith("deepspeed"):
         arguments["deepspeed"] = deepspeed_config(distributed, precision)

@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from transformers import TrainerCallback
 
+from tuneloop.artifacts._json import write_json
 from tuneloop.artifacts.training import RunRecord
 from tuneloop.config import LoopConfig
 from tuneloop.config_file import apply_override, validate_config
@@ -63,7 +64,9 @@ def run_sweep(config: LoopConfig, workspace: Workspace, trials: int, console: Co
         )
     middle = {key: (spec.choices[0] if spec.choices else spec.low) for key, spec in space.items()}
     trial_config(config, middle)  # every searched key must be a valid train key: fail before the first trial
-    study_name = sweep_study(config, base_weights_fingerprint(configured_base(config, workspace)))
+    study_name = sweep_study(
+        config, base_weights_fingerprint(configured_base(config, workspace), workspace.content_hashes)
+    )
     workspace.ensure(workspace.sweeps)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if config.train.sweep.prune else optuna.pruners.NopPruner()
@@ -124,7 +127,7 @@ def run_sweep(config: LoopConfig, workspace: Workspace, trials: int, console: Co
             for trial in study.trials
         ],
     }
-    workspace.sweep_summary(study_name).write_text(json.dumps(outcome, indent=2), encoding="utf-8")
+    write_json(workspace.sweep_summary(study_name), outcome)
     if best and best.user_attrs.get("mlflow_run_id") and "mlflow" in config.train.report_to:
         from tuneloop.tracking import Tracker
 

@@ -1,8 +1,8 @@
 """One process of a multi-process run: `python -m tuneloop.train.worker -c CONFIG --run-id ID --workspace DIR`.
 
-`tuneloop train --nproc N` (launch.py) prepares the data, converts the base model and picks the run id, then has
-Accelerate start N of these; each runs the same recipe and Transformers' Trainer does DDP (gloo on CPU, NCCL on GPUs).
-Only rank 0 writes the run record, MLflow and the summary; the launcher prints the result.
+`tuneloop train --nproc N` (launch.py) prepares the data, converts the base model and settles the run id on each
+node, then has torchrun start N of these; each runs the same recipe under the configured strategy (DDP, FSDP2 or
+DeepSpeed). Only global rank 0 writes the run record, MLflow and the summary; the launcher prints the result.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
+    _use_own_gpu()
     try:
         config = load_config(args.config, args.overrides)
         try:
@@ -41,6 +42,19 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         return 2
     return 0
+
+
+def _use_own_gpu() -> None:
+    """Each worker on its own GPU (torchrun's LOCAL_RANK) before anything touches CUDA: otherwise every worker
+    creates a context on GPU 0 while checking precision and memory."""
+    import os
+
+    from tuneloop.device import has_gpu
+
+    if has_gpu():
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 if __name__ == "__main__":

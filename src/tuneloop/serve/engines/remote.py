@@ -203,12 +203,7 @@ class RemoteEngine(Engine):
             if closed_before_response(error):
                 raise StaleConnection(f"{replica.url}: {error}") from error
             raise ReplicaFailed(f"{replica.url}: {type(error).__name__}") from error
-        except (
-            httpx.ConnectError,
-            httpx.ReadError,
-            httpx.ConnectTimeout,
-            httpx.WriteError,
-        ) as error:
+        except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.TimeoutException) as error:
             raise ReplicaFailed(f"{replica.url}: {type(error).__name__}") from error
         yield GenerationChunk(
             "",
