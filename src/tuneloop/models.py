@@ -282,12 +282,12 @@ def _from_hub(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
     gets a clear error at once instead of a minute of retries."""
     try:
         return auto_class.from_pretrained(ref.hub_id, local_files_only=True, **kwargs)
-    except Exception:
-        pass
+    except Exception as local_error:  # not cached (the usual case), or cached but unloadable: say which
+        local = f"{type(local_error).__name__}: {str(local_error)[:200]}"
     if not _hub_reachable():
         raise ModelResolutionError(
-            f"could not load {ref.hub_id!r}: it is not in the local Hugging Face cache and the hub is not reachable "
-            "from this machine (offline, or HF_HUB_OFFLINE is set)",
+            f"could not load {ref.hub_id!r} from the local Hugging Face cache ({local}), and the hub is not "
+            "reachable from this machine (offline, or HF_HUB_OFFLINE is set)",
             hint=_alternatives(),
         )
     try:

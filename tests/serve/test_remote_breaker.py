@@ -224,3 +224,38 @@ def test_half_open_lets_one_probe_through_at_a_time() -> None:
     assert not replica.available(now=2.0)  # the probe is in flight: nobody else
     replica.open_until = 0.0
     assert replica.available(now=2.0)  # closed: any number in flight
+
+
+async def test_half_open_engine_sends_one_probe_while_others_go_elsewhere() -> None:
+    """Through the engine: after the cooldown, while the probe to the recovering replica is in flight, concurrent
+    requests go to the healthy replica; the probe's success closes the circuit."""
+    asked: list[str] = []
+    failing = {"replica-a": 3}
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        replica = request.url.host
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        asked.append(replica)
+        if failing.get(replica, 0) > 0:
+            failing[replica] -= 1
+            return httpx.Response(500, json={"error": {"message": "boom"}})
+        if replica == "replica-a":
+            await asyncio.sleep(0.3)  # a slow probe: the others arrive while it is in flight
+        return httpx.Response(200, content=answer_from(replica), headers={"content-type": "text/event-stream"})
+
+    engine = RemoteEngine(
+        [f"http://{name}/v1" for name in REPLICAS], cooldown=COOLDOWN, transport=httpx.MockTransport(handle)
+    )
+    await engine.start()
+    try:
+        for _ in range(3):  # three 500s open replica-a's circuit (each retried on replica-b)
+            await ask(engine)
+        await asyncio.sleep(COOLDOWN + 0.05)
+        asked.clear()
+        answers = await asyncio.gather(*(ask(engine) for _ in range(4)))
+        assert asked.count("replica-a") == 1 and asked.count("replica-b") == 3
+        assert sorted(text(chunks) for chunks in answers).count("hello from replica-a") == 1
+        assert not replica_state(engine, "replica-a")["open"]  # the probe succeeded: closed again
+    finally:
+        await engine.stop()
