@@ -76,6 +76,13 @@ def peak_memory_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def memory_per_process_mb(processes_on_this_machine: int) -> float:
+    """What one training process may use: its own GPU, or its share of the host's memory."""
+    if has_gpu():
+        return available_memory_mb()
+    return available_memory_mb() / max(processes_on_this_machine, 1)
+
+
 def available_memory_mb() -> float:
     if has_gpu():
         import torch

@@ -58,13 +58,15 @@ def build_gateway(
     variants = [variant for route in settings.routes.values() for variant in route.variants]
     wanted = [ref for ref in dict.fromkeys([*(models or settings.models), *variants]) if ref != config.model.base]
     chosen = engine or settings.engine
-    engine_instance = build_engine(config, workspace, [] if chosen == "remote" else wanted, chosen)
+    # A remote engine's context is its replicas' business; the others get the base model's bound.
+    context = settings.max_model_len if chosen == "remote" else _context_limit(config, workspace)
+    engine_instance = build_engine(config, workspace, [] if chosen == "remote" else wanted, chosen, context)
     files = workspace.serve
     app = create_app(
         engine_instance,
         settings,
         api_keys=settings.api_keys + [key for key in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if key],
-        context_limit=_context_limit(config, workspace) if chosen != "remote" else settings.max_model_len,
+        context_limit=context,
         router=Router(settings.routes, seed=config.project.seed),
         feedback_store=FeedbackStore(files.feedback),
         batch_store=BatchStore(files),
@@ -93,7 +95,10 @@ def _context_limit(config: LoopConfig, workspace: Workspace) -> int:
     return min(config.serve.max_model_len, own) if own else config.serve.max_model_len
 
 
-def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str], engine: EngineName) -> Engine:
+def build_engine(
+    config: LoopConfig, workspace: Workspace, model_refs: list[str], engine: EngineName, context: int
+) -> Engine:
+    """The engine serving the base and `model_refs`; `context` is the longest request in tokens."""
     settings = config.serve
     if engine == "remote":
         from tuneloop.serve.engines.remote import RemoteEngine
@@ -111,7 +116,6 @@ def build_engine(config: LoopConfig, workspace: Workspace, model_refs: list[str]
         return _merged_gguf_engine(settings, workspace, model_refs, llama_server)
     base_folder = materialize(configured_base(config, workspace))
     adapters = _adapters(config, workspace, model_refs, base_folder)
-    context = _context_limit(config, workspace)
     if engine == "vllm":
         from tuneloop.serve.engines.vllm import VllmEngine
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import LoopConfig
-from tuneloop.device import available_memory_mb, has_gpu, resolve_precision
+from tuneloop.device import has_gpu, memory_per_process_mb, resolve_precision
 from tuneloop.errors import ConfigError
 from tuneloop.models import configured_base
 from tuneloop.train.launch import DEFAULT_MASTER_PORT, Topology, node_command, shell_join
@@ -31,7 +31,7 @@ def plan_training(
         notes, problem = [], f"{error.message} ({error.hint})" if error.hint else error.message
     base = configured_base(config, workspace)
     estimate = estimate_for(config, base, None, precision.name, topology.world_size)
-    here_mb = available_memory_mb() / (1 if gpu else topology.nproc_per_node)
+    here_mb = memory_per_process_mb(topology.nproc_per_node)
     master = topology.master_addr if topology.rdzv_endpoint is None else None
     commands = [
         shell_join(

@@ -24,8 +24,8 @@ from tuneloop.config import DataConfig, LoopConfig, TrainConfig, flatten
 from tuneloop.data.prepare import prepare_dataset
 from tuneloop.device import (
     Precision,
-    available_memory_mb,
     has_gpu,
+    memory_per_process_mb,
     peak_memory_mb,
     resolve_precision,
     settle_deepspeed_accelerator,
@@ -64,7 +64,21 @@ def _quiet() -> Console:
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return global_rank() == 0
+
+
+# Where this process sits in a torchrun job (its environment; a plain process is rank 0 of 1).
+def global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Processes on this machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def train_model(
@@ -128,7 +142,8 @@ def _setup_run(
         if not quiet:
             console.print(f"[yellow]note:[/] {note}")
     estimate = estimate_for(config, base, prepared, precision.name, world_size())
-    warning = preflight(estimate, memory_per_rank_mb(), settings.preflight, host_offload=not has_gpu())
+    available = memory_per_process_mb(local_world_size())
+    warning = preflight(estimate, available, settings.preflight, host_offload=not has_gpu())
     if warning and not quiet:
         console.print(f"[yellow]warning:[/] {warning}")
     record, checkpoint = open_run(config, workspace, base_weights, prepared.dataset_id, resume, run_id, console)
@@ -169,14 +184,6 @@ def estimate_for(
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def memory_per_rank_mb() -> float:
-    """What one process may use: its own GPU, or its share of the host's memory (torchrun's LOCAL_WORLD_SIZE
-    processes share it)."""
-    if has_gpu():
-        return available_memory_mb()
-    return available_memory_mb() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _setup_model(settings: TrainConfig, base: BaseModelRef, precision: Precision) -> tuple[Any, float]:
@@ -422,7 +429,7 @@ def _finalize(
         memory_estimate_mb=round(run.estimate.total_mb),
         model_memory_mb=model_memory_mb,
         world_size=world_size(),
-        nodes=world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        nodes=world_size() // local_world_size(),
     )
     if not is_main_process():
         return result
@@ -490,9 +497,9 @@ def _write_rank_report(trainer: Any, run: _Run, settings: TrainConfig, throughpu
             digest.update(name.encode())
             digest.update(local_tensor(parameter).detach().float().cpu().numpy().tobytes())
     RankReport(
-        rank=int(os.environ.get("RANK", "0")),
+        rank=global_rank(),
         world_size=world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_rank=local_rank(),
         host=socket.gethostname(),
         strategy=settings.distributed.strategy,
         trainable_local=trainable,
@@ -501,7 +508,7 @@ def _write_rank_report(trainer: Any, run: _Run, settings: TrainConfig, throughpu
         tokens=throughput.local_tokens,
         peak_memory_mb=round(peak_memory_mb(), 1),
         resident_mb_at_end=round(psutil.Process().memory_info().rss / 2**20, 1),
-    ).save(run.paths.rank_report(int(os.environ.get("RANK", "0"))))
+    ).save(run.paths.rank_report(global_rank()))
 
 
 def describe_failure(error: BaseException) -> TuneloopError:

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from tuneloop.config_file import load_config
 from tuneloop.errors import TuneloopError
-from tuneloop.train.recipe import describe_failure, train_model
+from tuneloop.train.recipe import describe_failure, local_rank, train_model
 from tuneloop.workspace import Workspace
 
 
@@ -47,14 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 def _use_own_gpu() -> None:
     """Each worker on its own GPU (torchrun's LOCAL_RANK) before anything touches CUDA: otherwise every worker
     creates a context on GPU 0 while checking precision and memory."""
-    import os
-
     from tuneloop.device import has_gpu
 
     if has_gpu():
         import torch
 
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
 
 
 if __name__ == "__main__":
