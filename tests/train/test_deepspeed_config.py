@@ -4,7 +4,7 @@ DeepSpeed itself, and the up-front checks (DeepSpeed on CPUs gets a note; a miss
 Each config goes the way the Trainer takes it: Transformers' `HfTrainerDeepSpeedConfig` fills the "auto" values
 from real `TrainingArguments` and the model's hidden size (and fails on a value that contradicts them), then
 DeepSpeed's own `DeepSpeedConfig` parses the result (its ZeRO section is a pydantic model that forbids unknown keys;
-batch sizes must agree). None of this needs a GPU or a process group. `make setup` installs deepspeed (it installs on
+batch sizes must agree). None of this needs a GPU or a process group. `make deepspeed` (part of `make test`) installs deepspeed (it installs on
 CPU-only machines without touching torch); the tests skip when it is missing. Training with it on CPUs is tested in
 tests/train/test_distributed.py.
 """

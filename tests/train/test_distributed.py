@@ -109,7 +109,7 @@ def test_deepspeed_trains_on_cpu_and_matches_ddp(fp32_config, tmp_path: Path, st
     """DeepSpeed's CPU accelerator over gloo, through Transformers' integration and tuneloop's generated config.
     ZeRO-2 partitions optimizer state and gradients (each rank still holds every parameter); ZeRO-3 the parameters too.
     Its communication op is compiled with the C++ compiler on first use (once per machine)."""
-    pytest.importorskip("deepspeed", reason="deepspeed is installed by `make setup`")
+    pytest.importorskip("deepspeed", reason="deepspeed is installed by `make deepspeed` (part of `make test`)")
     code, ddp, log = train(fp32_config, tmp_path / "ddp", "--nproc", "2")
     assert code == 0, log[-3000:]
     code, zero, log = train(fp32_config, tmp_path / "zero", "--nproc", "2", "--set", f"train.distributed={strategy}")

@@ -33,7 +33,7 @@ def check_strategy(settings: TrainConfig, world_size: int, gpu: bool) -> list[st
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
                 f"{where}.strategy={strategy} needs the deepspeed package, which is not installed",
-                hint="`make setup` installs it (on CPU machines: DS_BUILD_OPS=0 pip install --no-build-isolation "
+                hint="`make deepspeed` installs it (on CPU machines: DS_BUILD_OPS=0 pip install --no-build-isolation "
                 "deepspeed); or use strategy: fsdp",
             )
         if not gpu:
