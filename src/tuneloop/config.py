@@ -432,6 +432,12 @@ class ServeConfig(_Section):
         description="`engine: remote`: OpenAI-compatible base URLs of the replicas (vLLM, llama-server, another tuneloop).",
     )
     remote_api_key: str | None = Field(None, description="`engine: remote`: Bearer key sent to the replicas.")
+    remote_llamacpp_adapters: list[str] = Field(
+        default_factory=list,
+        description="`engine: remote` in front of llama-servers started with LoRA GGUFs: the served name of each "
+        "`--lora` file, in order. Requests for one get its LoRA (scale 1, the others 0); requests for the base get "
+        "none (`tuneloop deploy` sets this for its CPU images).",
+    )
     vllm_python: str | None = Field(
         None, description="`engine: vllm`: the python of vLLM's own virtualenv (default .venv-vllm/bin/python)."
     )
@@ -465,6 +471,73 @@ class ServeConfig(_Section):
     )
 
 
+class DeployConfig(_Section):
+    """Read by `tuneloop deploy`: images, GPUs, replicas and where the weights travel. `--gpu`, `--replicas`,
+    `--min-replicas`, `--max-replicas` and `--set deploy.KEY=VALUE` override it per command."""
+
+    image_repository: str = Field(
+        "tuneloop",
+        description="Registry prefix of the images `tuneloop deploy` writes Dockerfiles for, e.g. `ghcr.io/acme`: "
+        "they are tagged REPOSITORY/NAME:vVERSION-gpu, -cpu and -gateway.",
+    )
+    vllm_image: str = Field(
+        "vllm/vllm-openai:v0.33.0",
+        description="vLLM's official OpenAI-server image, the base of every GPU image (docker, k8s, runpod) and "
+        "of the Modal app's image.",
+    )
+    gpu: str = Field(
+        "L4",
+        description="GPU type: Modal's `gpu` (T4, L4, A10G, L40S, A100-80GB, H100), RunPod's GPU pool id "
+        "(AMPERE_24, ADA_24, AMPERE_80, HOPPER_141...) or a Kubernetes `nvidia.com/gpu.product` node label; "
+        "SageMaker takes `sagemaker_instance_type` instead.",
+    )
+    gpu_count: int = Field(1, ge=1, description="GPUs per replica (vLLM's tensor parallel size).")
+    replicas: int = Field(1, ge=0, description="Replicas to start with (Kubernetes Deployment, SageMaker instances).")
+    min_replicas: int = Field(
+        1, ge=0, description="Autoscaling floor (0: scale to zero where the platform can: Modal, RunPod, KServe)."
+    )
+    max_replicas: int = Field(3, ge=1, description="Autoscaling ceiling.")
+    max_concurrent_requests: int = Field(
+        32,
+        ge=1,
+        description="Requests one replica takes at once: Modal's `@modal.concurrent(max_inputs)`, RunPod's worker "
+        "concurrency, and the in-flight target per replica of the Kubernetes/KServe autoscalers.",
+    )
+    storage_uri: str | None = Field(
+        None,
+        description="Where the model folder (`model/` in the deploy folder) is uploaded for KServe (s3://, gs://, "
+        "pvc://CLAIM/PATH, hf://) and SageMaker (s3://). Default: KServe pvc://tuneloop-models/NAME-vVERSION; "
+        "SageMaker s3://SAGEMAKER-DEFAULT-BUCKET/tuneloop/NAME-vVERSION.",
+    )
+    namespace: str = Field("default", description="Kubernetes namespace of the k8s and kserve resources.")
+    gateway: bool = Field(
+        True,
+        description="docker, k8s: put tuneloop's gateway (API keys, rate limits, A/B routes, /metrics, the "
+        "dashboard) in front of the engine; false exposes the engine alone.",
+    )
+    api_key_secret: str = Field(
+        "tuneloop-api-keys",
+        description="Name of the platform secret holding the API keys (a Modal Secret, a Kubernetes Secret with key "
+        "TUNELOOP_API_KEYS, a RunPod secret); clients send one as `Authorization: Bearer KEY`.",
+    )
+    modal_volume: str = Field("tuneloop-models", description="modal: the `modal.Volume` holding weights and adapters.")
+    scaledown_window_s: int = Field(
+        300, ge=2, description="modal, runpod: seconds an idle replica stays up before it is scaled down."
+    )
+    sagemaker_instance_type: str = Field(
+        "ml.g5.2xlarge", description="sagemaker: the endpoint's instance type (one A10G: ml.g5.2xlarge)."
+    )
+    sagemaker_role: str | None = Field(
+        None, description="sagemaker: the IAM role ARN the endpoint and training job run as (or $SAGEMAKER_ROLE)."
+    )
+    sagemaker_training_instance_type: str = Field(
+        "ml.g5.12xlarge", description="sagemaker: instance type of the `tuneloop train` training job (4x A10G)."
+    )
+    sagemaker_training_instance_count: int = Field(
+        1, ge=1, description="sagemaker: instances of the training job (torchrun across them when > 1)."
+    )
+
+
 class LoopConfig(_Section):
     """The whole loop's configuration: one YAML file, one section per stage."""
 
@@ -475,6 +548,7 @@ class LoopConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     # Where the config file lives; relative source paths resolve against it. Not part of the schema.
     _config_dir: Path | None = PrivateAttr(None)

@@ -19,7 +19,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.keys import zero_lora_key
 from tuneloop.models import configured_base, materialize, max_context
 from tuneloop.registry.refs import resolve_model_ref
-from tuneloop.serve.engines.base import Engine
+from tuneloop.serve.engines.base import Engine, adapter_chat_template
 from tuneloop.workspace import Workspace
 
 log = logging.getLogger("tuneloop.serve")
@@ -101,9 +101,11 @@ def build_engine(
     """The engine serving the base and `model_refs`; `context` is the longest request in tokens."""
     settings = config.serve
     if engine == "remote":
+        from tuneloop.serve.engines.llamacpp import lora_request_fields
         from tuneloop.serve.engines.remote import RemoteEngine
 
-        return RemoteEngine(settings.remote_urls, settings.remote_api_key)
+        overrides = lora_request_fields(config.model.base, settings.remote_llamacpp_adapters)
+        return RemoteEngine(settings.remote_urls, settings.remote_api_key, request_overrides=overrides)
     from tuneloop.serve.engines.llamacpp import default_llama_server
     from tuneloop.serve.engines.vllm import default_vllm_python
 
@@ -140,6 +142,7 @@ def build_engine(
             _llama_server_or_error(llama_server),
             max_model_len=context,
             log_file=workspace.serve.log("llamacpp"),
+            chat_template=adapter_chat_template(base_folder, adapters.values()),
         )
     from tuneloop.device import resolve_precision
     from tuneloop.serve.engines.transformers_engine import TransformersEngine

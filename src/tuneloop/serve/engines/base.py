@@ -6,10 +6,14 @@ same small interface directly.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from tuneloop.errors import TuneloopError
 
 
 @dataclass
@@ -45,6 +49,37 @@ class ServedModel:
 def base_with_adapters(base_name: str, adapters: Iterable[str]) -> list[ServedModel]:
     """The models an engine serving one base and LoRA adapters on it exposes (adapters name the base as parent)."""
     return [ServedModel(base_name, None)] + [ServedModel(name, base_name) for name in adapters]
+
+
+def saved_chat_template(folder: Path) -> str | None:
+    """The chat template saved with a model or adapter (chat_template.jinja, else tokenizer_config.json's)."""
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
+    return template if isinstance(template, str) else None
+
+
+def adapter_chat_template(base_folder: Path, adapters: Iterable[Path]) -> Path | None:
+    """The adapters' chat_template.jinja when it differs from the base's (training used `model.chat_template`):
+    the servers render with the base tokenizer's template unless told otherwise, and one server has one template."""
+    base = saved_chat_template(base_folder)
+    different = {
+        folder: template
+        for folder in adapters
+        if (template := saved_chat_template(folder)) is not None and template != base
+    }
+    if not different:
+        return None
+    if len(set(different.values())) > 1 or len(different) != len(list(adapters)):
+        raise TuneloopError(
+            "these adapters were trained with different chat templates; one server renders with one template",
+            hint="serve (or deploy) them separately",
+        )
+    folder = next(iter(different))
+    if not (folder / "chat_template.jinja").exists():
+        raise TuneloopError(f"{folder} keeps its chat template only in tokenizer_config.json", hint="re-save it")
+    return folder / "chat_template.jinja"
 
 
 class Engine(ABC):

@@ -51,6 +51,43 @@ def gguf_for_adapter(base_folder: Path, adapter: Path, workspace: Workspace) -> 
     return next(target.glob("*.gguf"))
 
 
+def llama_server_arguments(
+    settings: ServeConfig,
+    alias: str,
+    model_file: str,
+    lora_files: list[str],
+    context_per_slot: int,
+    *,
+    threads: int | None,
+    chat_template: str | None,
+) -> list[str]:
+    """llama-server's flags for `model_file` served as `alias` with `lora_files` loaded (switched per request, see
+    request_overrides), without the listen address. The one place they are built: `tuneloop serve` runs them here and
+    `tuneloop deploy` writes them into CPU images with the files as the container sees them. `threads` None leaves
+    the choice to llama-server (its physical cores), for containers whose CPU share is unknown here; `chat_template`
+    is the adapters' own template file when it differs from the GGUF's (see adapter_chat_template)."""
+    arguments = [
+        "--model",
+        model_file,
+        "--alias",
+        alias,
+        "--parallel",
+        str(settings.llamacpp_parallel),
+        # The context is shared by the slots: each gets context_per_slot tokens.
+        "--ctx-size",
+        str(context_per_slot * settings.llamacpp_parallel),
+        "--jinja",  # the GGUF's own chat template, as Transformers renders it
+        "--no-webui",
+    ]
+    if chat_template is not None:
+        arguments += ["--chat-template-file", chat_template]
+    if threads is not None:
+        arguments += ["--threads", str(threads)]
+    for path in lora_files:
+        arguments += ["--lora", path]
+    return arguments
+
+
 class LlamaCppEngine(LocalServerEngine):
     name = "llamacpp"
     install_hint = "run `make llamacpp` (builds .llamacpp/bin/llama-server), or set serve.llamacpp_server"
@@ -65,12 +102,14 @@ class LlamaCppEngine(LocalServerEngine):
         *,
         max_model_len: int,
         log_file: Path | None,
+        chat_template: Path | None = None,
     ) -> None:
         super().__init__(server, settings.start_timeout_s, log_file)
+        self.chat_template = chat_template
         self.base_name = base_name
         self.model_file = model_file
         self.adapter_files = adapter_files
-        self.parallel = settings.llamacpp_parallel
+        self.settings = settings
         self.context_per_slot = max_model_len
         self.threads = settings.llamacpp_threads or os.cpu_count() or 1
 
@@ -78,41 +117,33 @@ class LlamaCppEngine(LocalServerEngine):
         return base_with_adapters(self.base_name, self.adapter_files)
 
     def command(self, port: int) -> list[str]:
-        command = [
-            str(self.executable),
-            "--model",
-            str(self.model_file),
-            "--alias",
+        arguments = llama_server_arguments(
+            self.settings,
             self.base_name,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--parallel",
-            str(self.parallel),
-            # The context is shared by the slots: each gets context_per_slot tokens.
-            "--ctx-size",
-            str(self.context_per_slot * self.parallel),
-            "--threads",
-            str(self.threads),
-            "--jinja",  # the GGUF's own chat template, as Transformers renders it
-            "--no-webui",
-        ]
-        for path in self.adapter_files.values():
-            command += ["--lora", str(path)]
-        return command
+            str(self.model_file),
+            [str(path) for path in self.adapter_files.values()],
+            self.context_per_slot,
+            threads=self.threads,
+            chat_template=None if self.chat_template is None else str(self.chat_template),
+        )
+        return [str(self.executable), *arguments, "--host", "127.0.0.1", "--port", str(port)]
 
     def request_overrides(self) -> dict[str, dict[str, Any]]:
-        """Per served name, the fields that select it on llama-server: every loaded LoRA with its scale, 1 for the
-        named adapter and 0 for the others (a request without `lora` gets the server-wide scales, which are not 0)."""
-        names = list(self.adapter_files)
+        return lora_request_fields(self.base_name, list(self.adapter_files))
 
-        def scales(chosen: str | None) -> dict[str, Any]:
-            return {
-                "model": self.base_name,
-                "lora": [{"id": index, "scale": 1.0 if name == chosen else 0.0} for index, name in enumerate(names)],
-            }
 
-        if not names:
-            return {}
-        return {self.base_name: scales(None), **{name: scales(name) for name in names}}
+def lora_request_fields(base_name: str, adapters: list[str]) -> dict[str, dict[str, Any]]:
+    """Per served name, the fields that select it on a llama-server started with `adapters` as its `--lora` files
+    (in that order): every loaded LoRA with its scale, 1 for the named adapter and 0 for the others (a request
+    without `lora` gets the server-wide scales, which are not 0). Used for the engine tuneloop starts and for a
+    remote llama-server (`serve.remote_llamacpp_adapters`, as `tuneloop deploy` sets up)."""
+
+    def scales(chosen: str | None) -> dict[str, Any]:
+        return {
+            "model": base_name,
+            "lora": [{"id": index, "scale": 1.0 if name == chosen else 0.0} for index, name in enumerate(adapters)],
+        }
+
+    if not adapters:
+        return {}
+    return {base_name: scales(None), **{name: scales(name) for name in adapters}}

@@ -103,6 +103,13 @@ class RemoteEngine(Engine):
                     ServedModel(item["id"], item.get("parent"), item.get("owned_by", "remote"))
                     for item in response.json()["data"]
                 ]
+                # Names selected by request fields (a llama-server's LoRAs) are adapters of the replica's model.
+                listed = {model.name for model in self._models}
+                self._models += [
+                    ServedModel(name, self._models[0].name if self._models else None, "remote")
+                    for name in self.request_overrides
+                    if name not in listed
+                ]
                 return
             except Exception as error:  # try the next replica
                 errors.append(f"{replica.url}: {error}")

