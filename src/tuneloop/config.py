@@ -510,6 +510,11 @@ class DeployConfig(_Section):
         "SageMaker s3://SAGEMAKER-DEFAULT-BUCKET/tuneloop/NAME-vVERSION.",
     )
     namespace: str = Field("default", description="Kubernetes namespace of the k8s and kserve resources.")
+    prometheus_url: str = Field(
+        "http://prometheus-operated.monitoring.svc:9090",
+        description="k8s, kserve: the in-cluster Prometheus the autoscalers read in-flight requests from "
+        "(prometheus-adapter's rules for the k8s HPA, the KEDA trigger of the LLMInferenceService).",
+    )
     gateway: bool = Field(
         True,
         description="docker, k8s: put tuneloop's gateway (API keys, rate limits, A/B routes, /metrics, the "
@@ -535,6 +540,17 @@ class DeployConfig(_Section):
     )
     sagemaker_training_instance_count: int = Field(
         1, ge=1, description="sagemaker: instances of the training job (torchrun across them when > 1)."
+    )
+    sagemaker_image_uri: str | None = Field(
+        None,
+        description="sagemaker: the endpoint's serving image. Default: AWS's vLLM container for SageMaker (ECR "
+        "repository `vllm`, tag `VERSION-gpu-py312-...-sagemaker`) in the endpoint's region, as the SageMaker SDK's "
+        "image_uris resolves it; it turns SM_VLLM_* variables into vLLM's flags.",
+    )
+    sagemaker_training_image: str | None = Field(
+        None,
+        description="sagemaker: the training job's image, with tuneloop installed. Default: AWS's PyTorch training "
+        "container, which installs the tuneloop wheel placed next to the job's config (README.md says how).",
     )
 
 

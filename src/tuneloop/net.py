@@ -14,9 +14,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, seconds: float) -> str:
-    """Poll `url`/ready until a started `tuneloop serve` answers 200: "ready", "exited" (the process died) or
-    "timeout"."""
+def wait_until_ready(url: str, process: subprocess.Popen, seconds: float, path: str = "/ready") -> str:
+    """Poll `url` + `path` until a started server (`tuneloop serve`: /ready; vLLM, llama-server: /health) answers
+    200: "ready", "exited" (the process died) or "timeout"."""
     import httpx
 
     deadline = time.monotonic() + seconds
@@ -24,7 +24,7 @@ def wait_until_ready(url: str, process: subprocess.Popen, seconds: float) -> str
         if process.poll() is not None:
             return "exited"
         try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
                 return "ready"
         except httpx.HTTPError:
             pass

@@ -16,7 +16,7 @@ from tests.monitor.conftest import ServedLoop, system_tool
 from tests.serve.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-MONITORING = REPO / "deploy" / "monitoring"
+MONITORING = REPO / "src" / "tuneloop" / "deploy" / "monitoring"
 
 
 def query(prometheus: str, expression: str) -> dict:

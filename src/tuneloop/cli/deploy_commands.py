@@ -30,7 +30,9 @@ def deploy(
     config_file: ConfigOption,
     out: Annotated[Path, typer.Option("--out", help="Folder to write the deployment into.")],
     gpu: Annotated[str | None, typer.Option("--gpu", help="GPU type (deploy.gpu), e.g. L4, A10G, H100.")] = None,
-    replicas: Annotated[int | None, typer.Option("--replicas", help="Replicas to start with (deploy.replicas).")] = None,
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", help="Replicas to start with (deploy.replicas).")
+    ] = None,
     min_replicas: Annotated[
         int | None, typer.Option("--min-replicas", help="Autoscaling floor, 0 to scale to zero (deploy.min_replicas).")
     ] = None,

@@ -29,7 +29,9 @@ GGUF_DIR = "gguf"
 BASE_GGUF = "base.gguf"
 
 
-def bundle_model(reference: str, config: LoopConfig, workspace: Workspace, folder: Path, *, gguf: bool) -> DeployedModel:
+def bundle_model(
+    reference: str, config: LoopConfig, workspace: Workspace, folder: Path, *, gguf: bool
+) -> DeployedModel:
     """Resolve `reference` through the registry and lay its files out in `folder`; `gguf` adds the llama.cpp files
     CPU targets serve."""
     spec = resolve_model_ref(reference, config, workspace)
