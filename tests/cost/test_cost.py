@@ -118,3 +118,35 @@ def test_a_multi_node_run_pays_for_every_machine() -> None:
     two = Measured(training_tokens=3600, training_tokens_per_second=1.0, training_nodes=2)
     assert estimate_costs(table, one)["usd_per_training_run"]["node"] == pytest.approx(1.0)
     assert estimate_costs(table, two)["usd_per_training_run"]["node"] == pytest.approx(2.0)
+
+
+def test_platform_rows_priced_at_the_stated_throughput_beside_api_prices(measured_workspace: Path) -> None:
+    from typing import get_args
+
+    from tuneloop.cli.cost_commands import PlatformChoice
+    from tuneloop.cost.estimate import Platform
+
+    assert get_args(PlatformChoice) == get_args(Platform)
+    ws = ["--workspace", str(measured_workspace), "--json"]
+    unstated = json.loads(runner.invoke(app, ["cost", "--platform", "modal", *ws]).stdout)
+    assert {row["platform"] for row in unstated["compute"]} == {"modal"}
+    assert all(row["usd_per_million_tokens"] is None for row in unstated["compute"])  # no GPU figure is invented
+    result = runner.invoke(app, ["cost", "--platform", "modal", "--serving-tps", "2000", *ws])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)["compute"]}
+    l4 = rows["modal-l4"]
+    assert (
+        l4["usd_per_hour"] == pytest.approx(0.000222 * 3600, 1e-3) and l4["serving_basis"] == "stated (--serving-tps)"
+    )
+    assert l4["usd_per_million_tokens"] == pytest.approx(0.000222 / 2000 * 1e6, 1e-3)
+    assert l4["vs_cheapest_api"] == pytest.approx(l4["usd_per_million_tokens"] / 0.4, 1e-2)  # gpt-4.1-nano's $0.40
+    cpu = json.loads(runner.invoke(app, ["cost", "--platform", "cpu", "--serving-tps", "300", *ws]).stdout)
+    assert {row["serving_basis"] for row in cpu["compute"]} == {"measured here"}
+    table = runner.invoke(
+        app,
+        ["cost", "--platform", "sagemaker", "--serving-tps", "900", "--workspace", str(measured_workspace)],
+        env={"COLUMNS": "200"},
+    )
+    assert table.exit_code == 0 and "sagemaker-ml-g5-2xlarge" in table.output and "x cheapest API" in table.output
+    bad = runner.invoke(app, ["cost", "--platform", "azure", *ws])
+    assert bad.exit_code != 0 and "azure" in bad.output

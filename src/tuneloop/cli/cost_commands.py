@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -18,6 +18,10 @@ from tuneloop.cli.common import (
     handles_errors,
     stdout,
 )
+
+# The same choices as tuneloop.cost.estimate.Platform (tests/cost check they agree), spelled here so that
+# `tuneloop --help` imports no stage.
+PlatformChoice = Literal["cpu", "k8s-gpu", "modal", "runpod", "sagemaker"]
 
 
 @app.command("cost")
@@ -39,6 +43,14 @@ def cost(
     prices: Annotated[
         Path | None, typer.Option("--prices", help="Price table YAML (default: tuneloop's cost/prices.yaml).")
     ] = None,
+    platform: Annotated[
+        PlatformChoice | None,
+        typer.Option(
+            "--platform",
+            help="Only this deploy platform's entries (cpu, k8s-gpu, modal, runpod, sagemaker); with --serving-tps, "
+            "GPU entries are priced at that throughput.",
+        ),
+    ] = None,
     config_file: ConfigOptionalOption = None,
     overrides: SetOption = None,
     workspace: WorkspaceOption = None,
@@ -59,6 +71,7 @@ def cost(
         window=window,
         serving_tps=serving_tps,
         prices=prices,
+        platform=platform,
     )
     if as_json:
         emit_json(result)
@@ -68,8 +81,17 @@ def cost(
 
 def _print_costs(result: dict[str, Any]) -> None:
     measured = result["measured"]
-    table = Table(title="cost per price-table entry")
-    for column in ("compute", "$/hour", "serving tok/s", "basis", "$ / 1M tokens", "$ / training run"):
+    title = f"cost on {result['platform']}" if result.get("platform") else "cost per price-table entry"
+    table = Table(title=title)
+    for column in (
+        "compute",
+        "$/hour",
+        "serving tok/s",
+        "basis",
+        "$ / 1M tokens",
+        "x cheapest API",
+        "$ / training run",
+    ):
         text = column in ("compute", "basis")
         table.add_column(column, justify="left" if text else "right", no_wrap=column == "compute")
     for row in result["compute"]:
@@ -79,6 +101,7 @@ def _print_costs(result: dict[str, Any]) -> None:
             "-" if row["serving_tokens_per_second"] is None else f"{row['serving_tokens_per_second']:,.1f}",
             row["serving_basis"],
             "-" if row["usd_per_million_tokens"] is None else f"{row['usd_per_million_tokens']:,.4f}",
+            "-" if row["vs_cheapest_api"] is None else f"{row['vs_cheapest_api']:,.2f}",
             "-" if row["usd_per_training_run"] is None else f"{row['usd_per_training_run']:,.6f}",
         )
     stdout.print(table)

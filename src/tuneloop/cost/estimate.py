@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -48,15 +48,33 @@ def load_prices(path: Path | None) -> dict[str, Any]:
     return table
 
 
-def estimate_costs(table: dict[str, Any], measured: Measured) -> dict[str, Any]:
+Platform = Literal["cpu", "k8s-gpu", "modal", "runpod", "sagemaker"]
+PLATFORMS: tuple[str, ...] = get_args(Platform)
+
+
+def estimate_costs(
+    table: dict[str, Any], measured: Measured, platform: Platform | None = None, stated_tps: float | None = None
+) -> dict[str, Any]:
+    """Every compute entry (only `platform`'s, when given) priced at its throughput: declared in the table,
+    `measured` here, or `stated_tps` (the throughput of the platform's hardware, measured there by the user) for
+    entries that declare none."""
     rows = []
     per_million: dict[str, float | None] = {}
     per_run: dict[str, float | None] = {}
-    for name, entry in (table.get("compute") or {}).items():
+    entries = (table.get("compute") or {}).items()
+    if platform is not None:
+        entries = [(name, entry) for name, entry in entries if entry.get("platform") == platform]
+        if not entries:
+            raise ConfigError(f"the price table has no compute entry with platform: {platform}")
+    for name, entry in entries:
         usd_per_hour = (
             float(entry["usd_per_hour"]) if "usd_per_hour" in entry else float(entry["usd_per_second"]) * 3600
         )
-        serving = _throughput(entry.get("serving_tokens_per_second"), measured.serving_tokens_per_second)
+        declared = entry.get("serving_tokens_per_second")
+        stated = declared is None and platform is not None and stated_tps is not None
+        if stated:
+            declared = stated_tps
+        serving = _throughput(declared, measured.serving_tokens_per_second)
         training = _throughput(entry.get("training_tokens_per_second"), measured.training_tokens_per_second)
         million = round(usd_per_hour / (serving * 3600) * 1e6, 4) if serving else None
         run = None
@@ -69,7 +87,8 @@ def estimate_costs(table: dict[str, Any], measured: Measured) -> dict[str, Any]:
                 "kind": "compute",
                 "usd_per_hour": round(usd_per_hour, 4),
                 "serving_tokens_per_second": serving,
-                "serving_basis": _basis(entry.get("serving_tokens_per_second"), serving),
+                "platform": entry.get("platform"),
+                "serving_basis": "stated (--serving-tps)" if stated else _basis(declared, serving),
                 "usd_per_million_tokens": million,
                 "training_tokens_per_second": training,
                 "usd_per_training_run": run,
@@ -84,7 +103,14 @@ def estimate_costs(table: dict[str, Any], measured: Measured) -> dict[str, Any]:
     }
     cheapest_api = min((value["usd_per_million_output_tokens"] for value in api.values()), default=None)
     known = {name: value for name, value in per_million.items() if value is not None}
+    for row in rows:  # side by side with buying the tokens
+        row["vs_cheapest_api"] = (
+            round(row["usd_per_million_tokens"] / cheapest_api, 3)
+            if row["usd_per_million_tokens"] is not None and cheapest_api
+            else None
+        )
     return {
+        "platform": platform,
         "measured": measured.__dict__,
         "compute": rows,
         "api": api,

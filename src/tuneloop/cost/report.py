@@ -9,7 +9,7 @@ from typing import Any
 
 from tuneloop.artifacts.training import TrainResult
 from tuneloop.config import LoopConfig
-from tuneloop.cost.estimate import Measured, cost_markdown, estimate_costs, load_prices
+from tuneloop.cost.estimate import Measured, Platform, cost_markdown, estimate_costs, load_prices
 from tuneloop.errors import TuneloopError
 from tuneloop.workspace import RunPaths, Workspace
 
@@ -24,10 +24,12 @@ def cost_for_run(
     window: float = 10.0,
     serving_tps: float | None = None,
     prices: Path | None = None,
+    platform: Platform | None = None,
 ) -> dict[str, Any]:
     """$ per training run and per 1M generated tokens for each price-table entry. `run` is a run id or registry
     reference (default: the newest finished run); serving tokens/s come from a `bench serve --json` file, a live
-    gateway's /metrics sampled over `window` seconds, or a figure measured elsewhere."""
+    gateway's /metrics sampled over `window` seconds, or a figure measured elsewhere. `platform` lists only that
+    platform's entries, and prices those without a throughput of their own at `serving_tps` (stated for its GPUs)."""
     measured = Measured()
     paths = _run_paths(run, config, workspace)
     if paths is not None:
@@ -47,7 +49,7 @@ def cost_for_run(
         measured.serving_source = f"live {url} over {window:g} s"
     elif serving_tps is not None:
         measured.serving_tokens_per_second, measured.serving_source = serving_tps, "--serving-tps"
-    costs = estimate_costs(load_prices(prices), measured)
+    costs = estimate_costs(load_prices(prices), measured, platform, stated_tps=serving_tps)
     if paths is not None:
         paths.cost.write_text(cost_markdown(costs), encoding="utf-8")
         costs["report"] = str(paths.cost)

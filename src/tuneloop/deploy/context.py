@@ -50,7 +50,19 @@ class DeployContext:
         """The version's own served name (its adapter)."""
         return next(iter(self.model.adapters))
 
+    @property
+    def max_model_len(self) -> int:
+        """`serve.max_model_len` capped at the base model's own maximum, as `tuneloop serve` caps it."""
+        from tuneloop.models import max_context
+
+        own = max_context(self.out / MODEL_FOLDER / BASE_DIR)
+        return min(self.config.serve.max_model_len, own) if own else self.config.serve.max_model_len
+
     def image(self, role: ImageRole) -> str:
+        """REPOSITORY/NAME:vVERSION-ROLE for a registry version (one repository per model, a tag per version)."""
+        if self.model.registry_name and self.model.version:
+            repository = re.sub(r"[^a-z0-9._-]+", "-", self.model.registry_name.lower())
+            return f"{self.settings.image_repository}/{repository}:v{self.model.version}-{role}"
         return f"{self.settings.image_repository}/{self.name}:{role}"
 
     def vllm_arguments(self, root: str) -> list[str]:
@@ -63,7 +75,7 @@ class DeployContext:
             str(base / BASE_DIR),
             modules,
             self.model.lora_rank,
-            self.config.serve.max_model_len,
+            self.max_model_len,
             self.chat_template(root),
         )
         if self.settings.gpu_count > 1:
@@ -91,7 +103,7 @@ class DeployContext:
             self.model.base_model,
             str(gguf / BASE_GGUF),
             [str(gguf / f"{folder}.gguf") for folder in self.model.adapters.values()],
-            self.config.serve.max_model_len,
+            self.max_model_len,
             threads=self.config.serve.llamacpp_threads,
             chat_template=self.chat_template(root),
         )
