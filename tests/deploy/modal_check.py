@@ -16,18 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-connections: list[str] = []
+from offline import refuse_network
 
-
-def refuse(*args: Any, **kwargs: Any) -> None:
-    connections.append(repr(args[1:] if args and isinstance(args[0], socket.socket) else args))
-    raise ConnectionRefusedError("tests/deploy/modal_check.py: no network while checking the Modal module")
-
-
-socket.socket.connect = refuse  # type: ignore[method-assign]
-socket.socket.connect_ex = refuse  # type: ignore[method-assign]
-socket.create_connection = refuse  # type: ignore[assignment]
-socket.getaddrinfo = refuse  # type: ignore[assignment]
+connections = refuse_network("tests/deploy/modal_check.py")
 
 
 def closure(function: Any) -> dict[str, Any]:

@@ -9,13 +9,14 @@ GraphQL mutations the SDK generates from them parsed with graphql-core, and the 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import inspect
 import json
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from offline import load  # this folder is on sys.path
 
 BAD_INPUTS: dict[str, Any] = {
     "not_an_object": ["hello"],
@@ -33,14 +34,6 @@ BAD_ENVIRONMENTS: dict[str, dict[str, str]] = {
     "lora_modules_not_json": {"LORA_MODULES": "extractor=/models/x"},
     "lora_modules_without_path": {"LORA_MODULES": '[{"name": "x"}]'},
 }
-
-
-def load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 async def handler_errors(handler: ModuleType) -> dict[str, Any]:

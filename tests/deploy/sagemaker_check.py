@@ -21,7 +21,6 @@ validation is off, SAGEMAKER_VALIDATE_ROLE=false, as the scripts' --dry-run sets
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import socket
@@ -29,21 +28,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-connections: list[str] = []
+from offline import load, refuse_network
 
-
-def refuse(*args: Any, **kwargs: Any) -> None:
-    connections.append(repr(args[1:] if args and isinstance(args[0], socket.socket) else args))
-    raise ConnectionRefusedError("tests/deploy/sagemaker_check.py: no network while checking the SageMaker code")
-
-
-socket.socket.connect = refuse  # type: ignore[method-assign]
-socket.socket.connect_ex = refuse  # type: ignore[method-assign]
-socket.create_connection = refuse  # type: ignore[assignment]
-socket.getaddrinfo = refuse  # type: ignore[assignment]
+connections = refuse_network("tests/deploy/sagemaker_check.py")
 
 REGION = "us-east-1"
 ROLE = "arn:aws:iam::111122223333:role/tuneloop-check"
@@ -75,14 +64,6 @@ while IFS='=' read -r key value; do
 done < <(env | grep "^${PREFIX}")
 printf '%s\n' python3 -m vllm.entrypoints.openai.api_server "${ARGS[@]}"
 """
-
-
-def load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flag_values(command: list[str]) -> dict[str, str]:

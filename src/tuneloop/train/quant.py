@@ -37,10 +37,13 @@ def four_bit_backend() -> FourBitBackend | None:
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        weights = torch.randn(64, 64, dtype=torch.bfloat16, device=device)
+        # Seeded, and the tolerance scaled to the largest value: NF4's widest step is ~0.28 of a block's absmax, so
+        # an unseeded draw with a fixed tolerance failed now and then (one rank of a QLoRA+FSDP test refused).
+        generator = torch.Generator().manual_seed(0)
+        weights = torch.randn(64, 64, generator=generator).to(dtype=torch.bfloat16, device=device)
         packed, state = functional.quantize_4bit(weights, quant_type="nf4", compress_statistics=True)
         restored = functional.dequantize_4bit(packed, state)
-        if not torch.allclose(restored.float(), weights.float(), atol=0.5):
+        if not torch.allclose(restored.float(), weights.float(), atol=0.2 * weights.abs().max().item()):
             return None
     except Exception as exc:
         log.debug("bitsandbytes cannot quantise on %s: %s", device, exc)
