@@ -85,3 +85,36 @@ def deploy_folder(registered_version: Version, tmp_path: Path) -> Callable[..., 
         return out, DeployManifest.load(out / "deploy.json")
 
     return make
+
+
+def serve_flags(version: Version, out: Path, manifest: DeployManifest) -> list[str]:
+    """The vLLM flags `tuneloop serve`'s engine builds for a deploy folder's bundled files, with the folders as the
+    deployment's containers see them (manifest.model_root): what every GPU target's engine must run."""
+    from tuneloop.config_file import load_config
+    from tuneloop.serve.engines.vllm import VllmEngine
+
+    config = load_config(version.config, None)
+    model = out / "model"
+    engine = VllmEngine(
+        config.serve,
+        manifest.model.base_model,
+        model / "base",
+        {name: model / "adapters" / folder for name, folder in manifest.model.adapters.items()},
+        python=Path("python3"),
+        max_model_len=config.serve.max_model_len,
+        log_file=None,
+        zero_lora_dir=None,
+    )
+    local = engine.command(8000)
+    return [part.replace(str(model), manifest.model_root) for part in local[3 : local.index("--host")]]
+
+
+def deploy_fails(version: Version, tmp_path: Path, *arguments: str) -> str:
+    """`tuneloop deploy ARGUMENTS` with the version's config, expected to fail: its output."""
+    result = runner.invoke(
+        app,
+        ["deploy", *arguments, "-c", str(version.config), "--out", str(tmp_path / "out")],
+        env={"TUNELOOP_HOME": str(version.workspace)},
+    )
+    assert result.exit_code != 0, result.output
+    return result.output

@@ -27,10 +27,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from tests.deploy.conftest import KSERVE_PYTHON, REFERENCE, Version, runner
+from tests.deploy.conftest import KSERVE_PYTHON, REFERENCE, Version, deploy_fails
 from tests.deploy.kserve_crd_schema import model_spec_validator, strict_validator
 from tuneloop.artifacts.deployment import DeployManifest
-from tuneloop.cli import app
 from tuneloop.config_file import load_config
 from tuneloop.deploy.bundle import ADAPTERS_DIR, BASE_DIR
 from tuneloop.serve.engines.base import adapter_chat_template
@@ -277,16 +276,6 @@ def test_kserve_static_replicas_and_object_storage(deploy_folder) -> None:
     assert llm["spec"]["model"]["lora"]["adapters"][0]["uri"] == "s3://models/extractor/v1/adapters/extractor-v1"
     assert manifest.commands["upload"] == "aws s3 sync model/ s3://models/extractor/v1/"
     assert not (out / "model-loader.yaml").exists() and not (out / "model-claim.yaml").exists()
-
-
-def deploy_fails(version: Version, tmp_path: Path, *arguments: str) -> str:
-    result = runner.invoke(
-        app,
-        ["deploy", *arguments, "-c", str(version.config), "--out", str(tmp_path / "out")],
-        env={"TUNELOOP_HOME": str(version.workspace)},
-    )
-    assert result.exit_code != 0, result.output
-    return result.output
 
 
 @pytest.mark.slow

@@ -8,13 +8,9 @@ import subprocess
 from pathlib import Path, PurePosixPath
 
 import pytest
-from typer.testing import CliRunner
 
-from tests.deploy.conftest import DEPLOY_PYTHON, REFERENCE, REPO, Version
-from tuneloop.artifacts.deployment import DeployManifest
-from tuneloop.cli import app
+from tests.deploy.conftest import DEPLOY_PYTHON, REFERENCE, REPO, Version, deploy_fails, serve_flags
 from tuneloop.config_file import load_config
-from tuneloop.serve.engines.vllm import VllmEngine
 
 CHECK = Path(__file__).with_name("modal_check.py")
 
@@ -32,25 +28,6 @@ def modal_objects(app_file: Path, home: Path) -> dict:
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def serve_command(version: Version, out: Path, manifest: DeployManifest) -> list[str]:
-    """The flags `tuneloop serve`'s vLLM engine builds for the bundled files, with the folder as the container sees
-    it (/models)."""
-    config = load_config(version.config, None)
-    model = out / "model"
-    engine = VllmEngine(
-        config.serve,
-        manifest.model.base_model,
-        model / "base",
-        {name: model / "adapters" / folder for name, folder in manifest.model.adapters.items()},
-        python=Path("python3"),
-        max_model_len=config.serve.max_model_len,
-        log_file=None,
-        zero_lora_dir=None,
-    )
-    local = engine.command(8000)
-    return [part.replace(str(model), manifest.model_root) for part in local[3 : local.index("--host")]]
 
 
 def test_modal_module_builds_what_the_config_asks(deploy_folder, registered_version: Version, tmp_path: Path) -> None:
@@ -91,7 +68,7 @@ def test_modal_module_builds_what_the_config_asks(deploy_folder, registered_vers
     gpu_command = manifest.engine_commands["gpu"]
     assert built["started_commands"] == [gpu_command]
     assert gpu_command[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-    assert gpu_command[3 : gpu_command.index("--host")] == serve_command(registered_version, out, manifest)
+    assert gpu_command[3 : gpu_command.index("--host")] == serve_flags(registered_version, out, manifest)
     assert "--api-key" not in gpu_command  # vLLM reads VLLM_API_KEY from the Secret
     # Every path the command names exists in model/, which `modal volume put ... model /NAME-vN` uploads to the
     # folder the function mounts at /models.
@@ -118,19 +95,5 @@ def test_modal_multi_gpu_and_a_gpu_modal_lacks(deploy_folder, registered_version
     command = manifest.engine_commands["gpu"]
     assert command[command.index("--tensor-parallel-size") + 1] == "2"
 
-    result = CliRunner().invoke(
-        app,
-        [
-            "deploy",
-            "modal",
-            REFERENCE,
-            "-c",
-            str(registered_version.config),
-            "--out",
-            str(tmp_path / "bad"),
-            "--gpu",
-            "AMPERE_24",
-        ],
-        env={"TUNELOOP_HOME": str(registered_version.workspace)},
-    )
-    assert result.exit_code != 0 and "deploy.gpu" in result.output and "AMPERE_24" in result.output
+    output = deploy_fails(registered_version, tmp_path, "modal", REFERENCE, "--gpu", "AMPERE_24")
+    assert "deploy.gpu" in output and "AMPERE_24" in output

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from typer.testing import CliRunner
 
-from tests.deploy.conftest import DEPLOY_PYTHON, REFERENCE, REPO, Version
-from tests.deploy.test_modal import serve_command
-from tuneloop.cli import app
+from tests.deploy.conftest import DEPLOY_PYTHON, REFERENCE, REPO, Version, deploy_fails, serve_flags
 from tuneloop.config_file import load_config
 from tuneloop.serve.engines.vllm import default_vllm_python
 
@@ -77,7 +74,7 @@ def test_runpod_worker_endpoint_and_image(deploy_folder, registered_version: Ver
     # The worker starts the manifest's command, as endpoint.json's env leaves it; it is `tuneloop serve`'s.
     gpu_command = manifest.engine_commands["gpu"]
     assert found["engine_command"] == gpu_command == found["engine_command_without_env"]
-    assert gpu_command[3 : gpu_command.index("--host")] == serve_command(registered_version, out, manifest)
+    assert gpu_command[3 : gpu_command.index("--host")] == serve_flags(registered_version, out, manifest)
     assert gpu_command[gpu_command.index("--host") + 1] == "127.0.0.1"  # reached through the handler only
     changed = found["engine_command_changed_on_the_endpoint"]
     assert changed[changed.index("--max-model-len") + 1] == "4096"
@@ -132,22 +129,8 @@ def test_runpod_worker_endpoint_and_image(deploy_folder, registered_version: Ver
 
 
 def test_runpod_gpu_must_be_a_pool_or_a_gpu_in_one(registered_version: Version, tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        app,
-        [
-            "deploy",
-            "runpod",
-            REFERENCE,
-            "-c",
-            str(registered_version.config),
-            "--out",
-            str(tmp_path / "out"),
-            "--gpu",
-            "TPU-V5",
-        ],
-        env={"TUNELOOP_HOME": str(registered_version.workspace)},
-    )
-    assert result.exit_code != 0 and "deploy.gpu" in result.output and "TPU-V5" in result.output
+    output = deploy_fails(registered_version, tmp_path, "runpod", REFERENCE, "--gpu", "TPU-V5")
+    assert "deploy.gpu" in output and "TPU-V5" in output
 
 
 def free_port() -> int:

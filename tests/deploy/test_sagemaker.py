@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.conftest import DEPLOY_PYTHON
+from tests.deploy.conftest import DEPLOY_PYTHON, serve_flags
 from tuneloop.config import LoopConfig
 from tuneloop.deploy.sagemaker import MODEL_ROOT, vllm_environment
 from tuneloop.errors import TuneloopError
-from tuneloop.serve.engines.vllm import VllmEngine
 
 CHECKER = Path(__file__).with_name("sagemaker_check.py")
 SETTINGS = {"sagemaker_instance_type": "ml.g5.12xlarge", "gpu_count": 2}
@@ -27,24 +26,6 @@ def run_checker(out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [DEPLOY_PYTHON, CHECKER, out, json.dumps(SETTINGS)], capture_output=True, text=True, timeout=300
     )
-
-
-def serve_arguments(out: Path, config: LoopConfig, served: str, folder: str) -> list[str]:
-    """vLLM's flags as `tuneloop serve`'s engine builds them for this folder's files, paths as SageMaker mounts them."""
-    local = out / "model"
-    engine = VllmEngine(
-        config.serve,
-        config.model.base,
-        local / "base",
-        {served: local / "adapters" / folder},
-        python=Path("python3"),
-        max_model_len=config.serve.max_model_len,
-        log_file=None,
-        zero_lora_dir=None,
-    )
-    command = engine.command(8000)
-    arguments = command[3 : command.index("--host")]
-    return [part.replace(str(local), MODEL_ROOT) for part in arguments]
 
 
 @pytest.mark.slow
@@ -69,7 +50,7 @@ def test_sagemaker_scripts_build_with_the_sdk_and_serve_the_engine_flags(deploy_
     # Golden: the flags vLLM gets in the container are serve's own for this version (plus SageMaker's port 8080).
     config = LoopConfig.model_validate(yaml.safe_load(registered_version.config.read_text()))
     ((served, folder),) = manifest.model.adapters.items()
-    expected = [*serve_arguments(out, config, served, folder), "--tensor-parallel-size", "2"]
+    expected = [*serve_flags(registered_version, out, manifest), "--tensor-parallel-size", "2"]
     gpu = manifest.engine_commands["gpu"]
     assert gpu[:5] == ["python3", "-m", "vllm.entrypoints.openai.api_server", "--port", "8080"]
     assert gpu[5:] == expected

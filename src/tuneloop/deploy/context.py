@@ -4,16 +4,18 @@ the engine command lines as a container runs them, image names, and the file wri
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from tuneloop.artifacts.deployment import DeployedModel
+from tuneloop.cluster.job import dns_label
 from tuneloop.config import DeployConfig, LoopConfig
 from tuneloop.deploy.bundle import ADAPTERS_DIR, BASE_DIR, BASE_GGUF, GGUF_DIR
 from tuneloop.serve.engines.llamacpp import llama_server_arguments
 from tuneloop.serve.engines.vllm import VLLM_SERVER_MODULE, vllm_arguments
+from tuneloop.train.launch import shell_join
 
 # Ports inside the containers: the engine on 8000 (vLLM's default), the gateway in front of it on 8080.
 ENGINE_PORT = 8000
@@ -38,7 +40,13 @@ class DeployContext:
             if self.model.registry_name and self.model.version
             else next(iter(self.model.adapters.values()))
         )
-        return re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:50].strip("-") or "tuneloop"
+        return dns_label(raw, 50)
+
+    @property
+    def model_name(self) -> str:
+        """The DNS-safe name every version of the registry model shares (Kubernetes objects, the Modal app), so a
+        new version rolls the same deployment; the deployment's `name` for an unregistered adapter."""
+        return dns_label(self.model.registry_name, 50) if self.model.registry_name else self.name
 
     @property
     def served_models(self) -> list[str]:
@@ -50,13 +58,18 @@ class DeployContext:
         """The version's own served name (its adapter)."""
         return next(iter(self.model.adapters))
 
-    @property
+    @cached_property
     def max_model_len(self) -> int:
         """`serve.max_model_len` capped at the base model's own maximum, as `tuneloop serve` caps it."""
         from tuneloop.models import max_context
 
         own = max_context(self.out / MODEL_FOLDER / BASE_DIR)
         return min(self.config.serve.max_model_len, own) if own else self.config.serve.max_model_len
+
+    @cached_property
+    def model_bytes(self) -> int:
+        """The size of the bundled model folder (disks and claims are sized from it)."""
+        return sum(path.stat().st_size for path in (self.out / MODEL_FOLDER).rglob("*") if path.is_file())
 
     def image(self, role: ImageRole) -> str:
         """REPOSITORY/NAME:vVERSION-ROLE for a registry version (one repository per model, a tag per version)."""
@@ -111,13 +124,19 @@ class DeployContext:
 
     def chat_template(self, root: str) -> str | None:
         """The adapter's template file in the container when it differs from the base's (see adapter_chat_template)."""
+        return None if self._chat_template is None else str(PurePosixPath(root) / self._chat_template)
+
+    @cached_property
+    def _chat_template(self) -> str | None:
+        """The adapter's own template file, relative to the model folder (looked up once: every engine command
+        line of every target asks)."""
         from tuneloop.serve.engines.base import adapter_chat_template
 
         local = self.out / MODEL_FOLDER
         found = adapter_chat_template(
             local / BASE_DIR, [local / ADAPTERS_DIR / folder for folder in self.model.adapters.values()]
         )
-        return None if found is None else str(PurePosixPath(root) / found.relative_to(local).as_posix())
+        return None if found is None else found.relative_to(local).as_posix()
 
     def write(self, relative: str, text: str, executable: bool = False) -> Path:
         """Write a file of the deploy folder and record it in deploy.json."""
@@ -143,7 +162,3 @@ class DeployContext:
         )
         environment.filters["shell"] = shell_join
         return environment.get_template(template).render(ctx=self, **values)
-
-
-def shell_join(command: list[str]) -> str:
-    return " ".join(shlex.quote(part) for part in command)

@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 
 from tuneloop.deploy import TargetOutput
-from tuneloop.deploy.context import ENGINE_PORT, GATEWAY_PORT, DeployContext, shell_join
+from tuneloop.deploy.context import ENGINE_PORT, GATEWAY_PORT, DeployContext
+from tuneloop.train.launch import shell_join
 
 MODEL_ROOT = "/models"
 NEEDS_GGUF = True

@@ -19,13 +19,12 @@ revisions and routing.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from tuneloop.deploy import TargetOutput
 from tuneloop.deploy.bundle import ADAPTERS_DIR
-from tuneloop.deploy.context import ENGINE_PORT, MODEL_FOLDER, DeployContext
-from tuneloop.deploy.kubernetes import app_name, dump, gpu_resources, gpu_scheduling, http_probe
+from tuneloop.deploy.context import ENGINE_PORT, DeployContext
+from tuneloop.deploy.kubernetes import dump, gpu_resources, gpu_scheduling, http_probe
 from tuneloop.errors import TuneloopError
 
 MODEL_ROOT = "/mnt/models"  # where KServe's storage initializer puts storageUri's contents
@@ -78,7 +77,7 @@ def inference_service(ctx: DeployContext, uri: str, command: list[str]) -> dict[
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {
-            "name": app_name(ctx),
+            "name": ctx.model_name,
             "namespace": settings.namespace,
             "labels": {"app.kubernetes.io/part-of": "tuneloop"},
             "annotations": {
@@ -127,9 +126,9 @@ def llm_inference_service(ctx: DeployContext, uri: str, command: list[str]) -> d
         # The presets ask for a non-root user (llm-d's image has one); vLLM's official image runs as root.
         "securityContext": {"runAsNonRoot": False},
         # The presets probe over HTTPS when the cluster enables LLMInferenceService TLS; this engine speaks HTTP.
-        "startupProbe": {**http_probe("/health", ENGINE_PORT, period=10, failures=180), "httpGet": _http_get()},
-        "livenessProbe": {**http_probe("/health", ENGINE_PORT, period=15, failures=4), "httpGet": _http_get()},
-        "readinessProbe": {**http_probe("/health", ENGINE_PORT, period=5, failures=3), "httpGet": _http_get()},
+        "startupProbe": http_probe("/health", ENGINE_PORT, period=10, failures=180, scheme="HTTP"),
+        "livenessProbe": http_probe("/health", ENGINE_PORT, period=15, failures=4, scheme="HTTP"),
+        "readinessProbe": http_probe("/health", ENGINE_PORT, period=5, failures=3, scheme="HTTP"),
     }
     spec: dict[str, Any] = {"model": model}
     if settings.min_replicas == settings.max_replicas:
@@ -142,17 +141,13 @@ def llm_inference_service(ctx: DeployContext, uri: str, command: list[str]) -> d
         "apiVersion": "serving.kserve.io/v1alpha2",
         "kind": "LLMInferenceService",
         "metadata": {
-            "name": app_name(ctx),
+            "name": ctx.model_name,
             "namespace": settings.namespace,
             "labels": {"app.kubernetes.io/part-of": "tuneloop"},
             "annotations": {"tuneloop.dev/model": ctx.model.reference},
         },
         "spec": spec,
     }
-
-
-def _http_get() -> dict[str, Any]:
-    return {"path": "/health", "port": ENGINE_PORT, "scheme": "HTTP"}
 
 
 def _keda_scaling(ctx: DeployContext) -> dict[str, Any]:
@@ -185,7 +180,7 @@ def model_loader(ctx: DeployContext, uri: str) -> dict[str, Any] | None:
     if match is None or match["scheme"] != "pvc":
         return None
     claim, path = match["location"], (match["path"] or "/").rstrip("/")
-    size_gib = max(1, int(_folder_bytes(ctx.out / MODEL_FOLDER) * VERSIONS_PER_CLAIM / 2**30) + 1)
+    size_gib = max(1, int(ctx.model_bytes * VERSIONS_PER_CLAIM / 2**30) + 1)
     namespace = ctx.settings.namespace
     pvc = {
         "apiVersion": "v1",
@@ -211,10 +206,6 @@ def model_loader(ctx: DeployContext, uri: str) -> dict[str, Any] | None:
         },
     }
     return {"pvc": pvc, "pod": pod, "claim": claim, "copy_to": f"/data{path}", "pod_name": pod["metadata"]["name"]}
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def upload_commands(uri: str, loader: dict[str, Any] | None, namespace: str) -> str:
@@ -263,7 +254,7 @@ def write(ctx: DeployContext) -> TargetOutput:
             "model-loader.yaml",
             dump(loader["pod"], header=f"# A pod mounting the claim of {uri}, to `kubectl cp` model/ into it.\n"),
         )
-    name, namespace = app_name(ctx), ctx.settings.namespace
+    name, namespace = ctx.model_name, ctx.settings.namespace
     registry_name = ctx.model.registry_name or "NAME"
     commands = {
         "upload": upload_commands(uri, loader, namespace),

@@ -15,12 +15,10 @@ update of the same Deployment behind the same Service; the version is a pod labe
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
+from tuneloop.cluster.job import dump_yaml
 from tuneloop.deploy import TargetOutput
 from tuneloop.deploy.context import ENGINE_PORT, GATEWAY_PORT, DeployContext
 from tuneloop.deploy.docker import GATEWAY_CONFIGS, write_images
@@ -51,13 +49,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
-def app_name(ctx: DeployContext) -> str:
-    """The Kubernetes name shared by every version of the model (a DNS label starting with a letter)."""
-    raw = ctx.model.registry_name or ctx.name
-    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:50].strip("-")
-    return name if re.match(r"[a-z]", name) else f"m-{name}".rstrip("-")
-
-
 def gpu_product(ctx: DeployContext) -> str:
     return GPU_PRODUCT_LABELS.get(ctx.settings.gpu, ctx.settings.gpu)
 
@@ -78,9 +69,10 @@ def gpu_resources(ctx: DeployContext) -> dict[str, Any]:
     }
 
 
-def http_probe(path: str, port: int | str, period: int, failures: int) -> dict[str, Any]:
+def http_probe(path: str, port: int | str, period: int, failures: int, scheme: str | None = None) -> dict[str, Any]:
+    """An HTTP probe; `scheme` pins HTTP or HTTPS where the platform would otherwise choose."""
     return {
-        "httpGet": {"path": path, "port": port},
+        "httpGet": {"path": path, "port": port, **({"scheme": scheme} if scheme else {})},
         "periodSeconds": period,
         "timeoutSeconds": 5,
         "failureThreshold": failures,
@@ -96,12 +88,11 @@ def split_image(reference: str) -> tuple[str, str]:
 
 
 def dump(*documents: dict[str, Any], header: str = "") -> str:
-    body = "---\n".join(yaml.safe_dump(document, sort_keys=False) for document in documents)
-    return header + body
+    return header + dump_yaml(*documents)
 
 
 def labels(ctx: DeployContext) -> dict[str, str]:
-    return {"app.kubernetes.io/name": app_name(ctx), "app.kubernetes.io/part-of": "tuneloop"}
+    return {"app.kubernetes.io/name": ctx.model_name, "app.kubernetes.io/part-of": "tuneloop"}
 
 
 def deployment(ctx: DeployContext) -> dict[str, Any]:
@@ -146,7 +137,7 @@ def deployment(ctx: DeployContext) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": app_name(ctx), "annotations": {"tuneloop.dev/model": ctx.model.reference}},
+        "metadata": {"name": ctx.model_name, "annotations": {"tuneloop.dev/model": ctx.model.reference}},
         "spec": {
             "replicas": ctx.settings.replicas,
             "selector": {"matchLabels": labels(ctx)},
@@ -163,7 +154,7 @@ def service(ctx: DeployContext) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": app_name(ctx), "labels": labels(ctx)},
+        "metadata": {"name": ctx.model_name, "labels": labels(ctx)},
         "spec": {
             "selector": labels(ctx),
             "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
@@ -176,9 +167,9 @@ def autoscaler(ctx: DeployContext) -> dict[str, Any]:
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": app_name(ctx)},
+        "metadata": {"name": ctx.model_name},
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": app_name(ctx)},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ctx.model_name},
             "minReplicas": max(1, ctx.settings.min_replicas),
             "maxReplicas": ctx.settings.max_replicas,
             "metrics": [
@@ -198,7 +189,7 @@ def service_monitor(ctx: DeployContext) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": {"name": app_name(ctx), "labels": labels(ctx)},
+        "metadata": {"name": ctx.model_name, "labels": labels(ctx)},
         "spec": {
             "selector": {"matchLabels": labels(ctx)},
             "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
@@ -256,7 +247,7 @@ def overlay(ctx: DeployContext, device: str, image: str, command: list[str]) -> 
     patch = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": app_name(ctx)},
+        "metadata": {"name": ctx.model_name},
         "spec": {"template": {"spec": spec}},
     }
     new_name, new_tag = split_image(image)
@@ -268,7 +259,7 @@ def overlay(ctx: DeployContext, device: str, image: str, command: list[str]) -> 
         "images": [{"name": ENGINE_IMAGE, "newName": new_name, "newTag": new_tag}],
         "labels": [{"pairs": {"tuneloop.dev/device": device}, "includeSelectors": False}],
     }
-    header = f"# {app_name(ctx)} on {device.upper()}s: the engine's image and its command line (`tuneloop serve`'s).\n"
+    header = f"# {ctx.model_name} on {device.upper()}s: the engine's image and its command line (`tuneloop serve`'s).\n"
     return {"kustomization.yaml": dump(kustomization, header=header), "engine.yaml": dump(patch)}
 
 
@@ -314,7 +305,7 @@ def write(ctx: DeployContext) -> TargetOutput:
     )
     ctx.write(
         "components/in-flight-autoscaling/hpa-in-flight.yaml",
-        yaml.safe_dump(in_flight_patch(ctx), sort_keys=False),
+        dump_yaml(in_flight_patch(ctx)),
     )
     ctx.write(
         "prometheus-adapter.yaml",
@@ -326,7 +317,7 @@ def write(ctx: DeployContext) -> TargetOutput:
     )
 
     namespace = ctx.settings.namespace
-    name = app_name(ctx)
+    name = ctx.model_name
     registry_name = ctx.model.registry_name or "NAME"
     commands = {
         "build": build.build,

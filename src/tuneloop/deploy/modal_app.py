@@ -11,7 +11,6 @@ version: a new champion is a new deployment of the same app, at the same URL. Th
 from __future__ import annotations
 
 import json
-import re
 
 from tuneloop.deploy import TargetOutput
 from tuneloop.deploy.context import ENGINE_PORT, DeployContext
@@ -25,15 +24,6 @@ API_KEY_VARIABLE = "VLLM_API_KEY"  # read by vLLM's OpenAI server when --api-key
 MODAL_GPUS = ("T4", "L4", "A10", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "RTX-PRO-6000", "H100", "H100!")
 MODAL_GPUS += ("H200", "B200", "B200+")
 REQUEST_TIMEOUT_S = 600  # one request's longest generation (Modal's `timeout`, default 300)
-
-
-def app_name(ctx: DeployContext) -> str:
-    """The Modal app's name: the registry model's (one app, one URL across versions), else the deployment's."""
-    if ctx.model.registry_name:
-        name = re.sub(r"[^a-z0-9-]+", "-", ctx.model.registry_name.lower()).strip("-")[:50].strip("-")
-        if name:
-            return name
-    return ctx.name
 
 
 def endpoint_url(name: str) -> str:
@@ -53,7 +43,7 @@ def modal_gpu(ctx: DeployContext) -> str:
 
 def write(ctx: DeployContext) -> TargetOutput:
     command = ctx.vllm_command(MODEL_ROOT)
-    name = app_name(ctx)
+    name = ctx.model_name  # one app, one URL across versions
     volume_folder = f"/{ctx.name}"
     startup_timeout_s = int(max(600, ctx.config.serve.start_timeout_s))
     values = {

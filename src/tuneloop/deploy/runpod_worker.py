@@ -18,7 +18,7 @@ import json
 import math
 
 from tuneloop.deploy import TargetOutput
-from tuneloop.deploy.context import ENGINE_PORT, MODEL_FOLDER, DeployContext
+from tuneloop.deploy.context import ENGINE_PORT, DeployContext
 from tuneloop.errors import TuneloopError
 
 MODEL_ROOT = "/models"
@@ -79,12 +79,11 @@ def worker_environment(ctx: DeployContext, command: list[str]) -> dict[str, str]
 
 def endpoint_spec(ctx: DeployContext, command: list[str]) -> dict[str, dict[str, object]]:
     """Keyword arguments of runpod.create_template and runpod.create_endpoint (without template_id)."""
-    model_bytes = sum(path.stat().st_size for path in (ctx.out / MODEL_FOLDER).rglob("*") if path.is_file())
     return {
         "template": {
             "name": ctx.name,
             "image_name": ctx.image("worker"),
-            "container_disk_in_gb": IMAGE_DISK_GB + math.ceil(model_bytes / 1e9),
+            "container_disk_in_gb": IMAGE_DISK_GB + math.ceil(ctx.model_bytes / 1e9),
             "env": worker_environment(ctx, command),
             "is_serverless": True,
         },

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from tuneloop.cluster.job import job_inputs
+from tuneloop.config_file import apply_override
 from tuneloop.deploy import TargetOutput
 from tuneloop.deploy.bundle import ADAPTERS_DIR
 from tuneloop.deploy.context import MODEL_FOLDER, DeployContext
@@ -179,7 +180,8 @@ def _write_training(ctx: DeployContext, values: dict[str, Any]) -> dict[str, Any
         local = ctx.config.resolve_path(item.path)
         channel = resource_name(item.key.replace(".", "-"), 64)
         channels[channel] = {"local": str(local), "key": item.key, "file": local.name, "folder": local.is_dir()}
-        _set_key(config, item.key, str(PurePosixPath(INPUT_ROOT) / channel / local.name))
+        # JSON-quoted: the override parser reads YAML, and a file named `true` or `1e3` must stay a path.
+        apply_override(config, f"{item.key}={json.dumps(str(PurePosixPath(INPUT_ROOT) / channel / local.name))}")
     ctx.write(f"{TRAIN_FOLDER}/{TRAIN_CONFIG}", yaml.safe_dump(config, sort_keys=False))
     wheel = None
     if ctx.settings.sagemaker_training_image is None:
@@ -217,15 +219,6 @@ def _write_training(ctx: DeployContext, values: dict[str, Any]) -> dict[str, Any
     }
     ctx.write(TRAIN_SCRIPT, ctx.render("sagemaker_train_job.py.j2", **values, **training), executable=True)
     return training
-
-
-def _set_key(config: dict[str, Any], dotted: str, value: str) -> None:
-    """Set `data.sources.0.path` style keys in the dumped config."""
-    *parents, last = dotted.split(".")
-    node: Any = config
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    node[last] = value
 
 
 def _commands(ctx: DeployContext, values: dict[str, Any], training: dict[str, Any]) -> dict[str, str]:
