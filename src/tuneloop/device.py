@@ -41,10 +41,17 @@ def settle_deepspeed_accelerator() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+# oneDNN ISA caps below AVX512-BF16: with one of these set, bf16 matmuls are emulated even on an AMX CPU.
+_ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls are ~10x faster than fp32 on such CPUs (measured, docs/benchmarks.md)."""
+    """AMX or AVX512-BF16: bf16 matmuls are ~10x faster than fp32 on such CPUs (measured, docs/benchmarks.md);
+    not when `ONEDNN_MAX_CPU_ISA` caps oneDNN below them."""
     import torch
 
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_CAPS_WITHOUT_BF16:
+        return False
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
@@ -64,6 +71,39 @@ def resolve_precision(requested: str) -> Precision:
     if cpu_has_fast_bf16():
         return Precision("bf16", "CPU with AMX/AVX512-BF16")
     return Precision("fp32", "CPU without fast bf16")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container given 2 CPUs of a
+    64-core host must not start 64 threads; torch's default counts the host's cores)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(int(quota), 1))
+    return max(count, 1)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    from pathlib import Path
+
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text(encoding="utf-8").split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text(encoding="utf-8"))
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text(encoding="utf-8"))
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def training_threads(requested: int | None, processes_on_this_machine: int) -> int:
+    """Intra-op threads for one training process: `train.num_threads`, else its share of the available CPUs."""
+    if requested:
+        return requested
+    return max(available_cpus() // max(processes_on_this_machine, 1), 1)
 
 
 def peak_memory_mb() -> float:

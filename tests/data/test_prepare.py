@@ -39,7 +39,9 @@ def test_prepare_end_to_end_with_quarantine_and_report(tmp_path: Path, tiny_mode
         {"instruction": "a", "output": "b"},
     ]
     write_jsonl(tmp_path / "train.jsonl", rows)
-    config = write_config(tmp_path, tiny_model_dir, [{"path": "train.jsonl"}], filters={"min_tokens": 15})
+    config = write_config(
+        tmp_path, tiny_model_dir, [{"path": "train.jsonl"}], filters={"min_tokens": 15}, packing=False
+    )  # unpacked: the train rows are checked one by one
     result = runner.invoke(app, ["data", "prepare", "-c", str(config), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)

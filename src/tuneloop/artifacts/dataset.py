@@ -43,6 +43,7 @@ class PackingInfo(ArtifactPart):
     enabled: bool
     max_seq_len: int
     efficiency: float | None = Field(None, description="Share of packed positions holding real tokens.")
+    length: int | None = Field(None, description="Tokens per packed sample (`data.packing_length` resolved).")
 
 
 class TokenizerInfo(ArtifactPart):

@@ -38,7 +38,9 @@ class TrainResult(JsonArtifact):
     eval_loss: float | None
     steps: int
     tokens: int = Field(description="Real (non-padding) training tokens, summed over processes.")
-    tokens_per_second: float
+    tokens_per_second: float = Field(description="Training tokens/s over training time after the first step.")
+    first_step_seconds: float = Field(0.0, description="The first step's time (torch.compile happens in it).")
+    compiled: bool = Field(False, description="Whether the decoder layers ran compiled (`train.compile`).")
     peak_memory_mb: float
     wall_seconds: float
     mlflow_run_id: str | None

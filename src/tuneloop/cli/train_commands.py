@@ -134,7 +134,11 @@ def _print_train_summary(summary: dict[str, Any]) -> None:
         ("precision", summary["precision"]),
         ("steps", str(summary["steps"])),
         ("tokens", f"{summary['tokens']:,}"),
-        ("tokens/s", f"{summary['tokens_per_second']:,.1f}"),
+        ("tokens/s (training time)", f"{summary['tokens_per_second']:,.1f}"),
+        (
+            "first step" + (" (compiles)" if summary.get("compiled") else ""),
+            f"{summary.get('first_step_seconds', 0.0):,.1f} s",
+        ),
         ("train loss (last)", fmt(summary["train_loss"])),
         ("eval loss", fmt(summary["eval_loss"])),
         ("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB (estimated {summary['memory_estimate_mb']:,} MiB)"),

@@ -32,12 +32,13 @@ def collate_padded(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collate_packed(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+def collate_packed(rows: Sequence[dict[str, Any]], pad_token_id: int, length: int | None = None) -> dict[str, Any]:
     """Packed rows: `position_ids` restart per original row and no attention_mask is returned, which makes
-    Transformers build a block-diagonal mask (pass `use_cache=False`). Padding forms its own block at the end."""
+    Transformers build a block-diagonal mask (pass `use_cache=False`). Padding (to the longest row, or to `length`)
+    forms its own block at the end."""
     import torch
 
-    batch = collate_padded(rows, pad_token_id)
+    batch = collate_padded(rows, pad_token_id, pad_to_multiple_of=length)
     del batch["attention_mask"]
     longest = batch["input_ids"].shape[1]
     position_ids = torch.zeros((len(rows), longest), dtype=torch.long)

@@ -31,6 +31,20 @@ class PackedSample:
         return len(self.input_ids)
 
 
+SHORTEST_PACKING_LENGTH = 256
+
+
+def packing_length(setting: int | str, longest_row: int, max_seq_len: int) -> int:
+    """`data.packing_length` resolved: `auto` is the smallest power of two >= 256 that holds the longest row, at most
+    `max_seq_len` (a packed sample's attention is O(length^2) on a CPU, so short rows pack into short samples)."""
+    if isinstance(setting, int):
+        return max(setting, longest_row)
+    length = SHORTEST_PACKING_LENGTH
+    while length < longest_row:
+        length *= 2
+    return max(min(length, max_seq_len), longest_row)
+
+
 def pack(rows: list[tuple[list[int], list[int]]], max_len: int) -> list[PackedSample]:
     """Best-fit-decreasing bin packing of (input_ids, labels) rows into samples of at most `max_len` tokens."""
     too_long = [len(ids) for ids, _ in rows if len(ids) > max_len]

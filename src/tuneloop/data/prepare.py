@@ -31,7 +31,7 @@ from tuneloop.config import DataConfig, LoopConfig, SourceConfig
 from tuneloop.data import demo
 from tuneloop.data.filters import Rejection, drop_exact_duplicates, drop_near_duplicates, drop_toxic
 from tuneloop.data.formats import RowError, Sample, detect_format, normalise, prepare_record
-from tuneloop.data.pack import pack, packing_efficiency
+from tuneloop.data.pack import pack, packing_efficiency, packing_length
 from tuneloop.data.render import ChatRenderer, Rendered, RenderedText, truncate
 from tuneloop.data.sources import BUILTIN_PREFIX, RawRecord, read_records
 from tuneloop.errors import ConfigError, DataError
@@ -153,6 +153,7 @@ class _Build:
     sample_for_report: dict[str, Any] | None = None
     token_lengths: list[int] = field(default_factory=list)
     _packing_efficiency: float | None = None
+    _packing_length: int | None = None
 
     def run(self, source_paths: list[Path], out: DatasetPaths) -> dict[str, Any]:
         with self._progress() as progress:
@@ -192,6 +193,7 @@ class _Build:
                 "enabled": self.data.packing,
                 "max_seq_len": self.data.max_seq_len,
                 "efficiency": self._packing_efficiency,
+                "length": self._packing_length,
             },
             "tokenizer": {
                 "class": type(self.tokenizer).__name__,
@@ -366,8 +368,10 @@ class _Build:
         if not self.data.packing:
             pq.write_table(unpacked_table(train), out.parquet("train"))
             return len(train)
-        packed = pack([(item.input_ids, item.labels) for _, item in train], self.data.max_seq_len)
-        self._packing_efficiency = round(packing_efficiency(packed, self.data.max_seq_len), 4)
+        longest = max((len(item.input_ids) for _, item in train), default=1)
+        self._packing_length = packing_length(self.data.packing_length, longest, self.data.max_seq_len)
+        packed = pack([(item.input_ids, item.labels) for _, item in train], self._packing_length)
+        self._packing_efficiency = round(packing_efficiency(packed, self._packing_length), 4)
         table = pa.table(
             {
                 "input_ids": [sample.input_ids for sample in packed],

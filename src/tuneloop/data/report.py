@@ -93,7 +93,7 @@ def _markdown(
         "",
         f"Total {tokens['total']}, trained {tokens['trainable']}, per row mean {tokens['mean']}, p50 {tokens['p50']}, "
         f"p95 {tokens['p95']}, max {tokens['max']}; truncated rows: {tokens['truncated_rows']}. "
-        f"Packing: {'on, efficiency ' + str(packing['efficiency']) if packing['enabled'] else 'off'}.",
+        f"Packing: {_packing_summary(packing)}.",
         "",
         f"![token lengths]({histogram_name})",
         "",
@@ -132,3 +132,10 @@ def mask_markup(tokens: list[str], trained: list[bool]) -> str:
     if inside:
         parts.append("⟧")
     return "".join(parts)
+
+
+def _packing_summary(packing: dict[str, Any]) -> str:
+    if not packing["enabled"]:
+        return "off"
+    length = f"{packing['length']}-token samples, " if packing.get("length") else ""
+    return f"on, {length}efficiency {packing['efficiency']}"

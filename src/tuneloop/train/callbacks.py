@@ -19,7 +19,9 @@ class ThroughputCallback(TrainerCallback):
     """Training tokens/s and peak memory, added to every log entry (and so to every tracker).
 
     The collator counts every batch it builds, evaluation batches too; those are taken out by noting the count at
-    each step's end and at each evaluation's end (evaluation runs between the two)."""
+    each step's end and at each evaluation's end (evaluation runs between the two). The time is training time only:
+    what passes between a step's end and the next step's start (validation, checkpoints, logging) is left out, and
+    so is the first step, which compiles (`train.compile`) and warms up; its time is `first_step_seconds`."""
 
     def __init__(self, counter: TokenCounter) -> None:
         self.counter = counter
@@ -28,6 +30,10 @@ class ThroughputCallback(TrainerCallback):
         self.mark = 0
         self.eval_tokens = 0
         self.train_seconds = 0.0
+        self.paused_seconds = 0.0
+        self.paused_since: float | None = None
+        self.first_step_seconds: float | None = None
+        self.first_step_tokens = 0
         self.final_tokens: int | None = None
         self.local_tokens = 0  # this process's share, set at the end
 
@@ -36,16 +42,36 @@ class ThroughputCallback(TrainerCallback):
             return self.final_tokens
         return self.counter.tokens - self.start_tokens - self.eval_tokens
 
+    def training_seconds(self) -> float:
+        if self.train_seconds:
+            return self.train_seconds
+        now = time.perf_counter()
+        pause = now - self.paused_since if self.paused_since is not None else 0.0
+        return now - self.started - self.paused_seconds - pause
+
     def tokens_per_second(self) -> float:
-        elapsed = self.train_seconds or (time.perf_counter() - self.started)
-        return self.train_tokens() / max(elapsed, 1e-9)
+        seconds, tokens = self.training_seconds(), self.train_tokens()
+        if self.first_step_seconds is not None and seconds - self.first_step_seconds > 1e-3:
+            seconds -= self.first_step_seconds
+            tokens -= self.first_step_tokens
+        return tokens / max(seconds, 1e-9)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.perf_counter()
         self.start_tokens = self.mark = self.counter.tokens
+        self.paused_seconds, self.paused_since, self.first_step_seconds = 0.0, None, None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.paused_since is not None:
+            self.paused_seconds += time.perf_counter() - self.paused_since
+            self.paused_since = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.mark = self.counter.tokens
+        if self.first_step_seconds is None:
+            self.first_step_seconds = self.training_seconds()
+            self.first_step_tokens = self.train_tokens()
+        self.paused_since = time.perf_counter()
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.final_tokens is None:
@@ -59,9 +85,10 @@ class ThroughputCallback(TrainerCallback):
         logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.train_seconds = time.perf_counter() - self.started
+        self.train_seconds = self.training_seconds()
         self.local_tokens = self.train_tokens()
         self.final_tokens = _sum_over_processes(self.local_tokens)
+        self.first_step_tokens = _sum_over_processes(self.first_step_tokens)
 
 
 def _sum_over_processes(value: int) -> int:
@@ -80,20 +107,22 @@ def _sum_over_processes(value: int) -> int:
 
 
 class RichProgressCallback(TrainerCallback):
-    """One progress bar for the run: step, loss, tokens/s, elapsed and ETA."""
+    """One progress bar for the run (step, loss, tokens/s of training time, elapsed and ETA) and one for each
+    validation pass while it runs."""
 
     def __init__(self, console: Console, throughput: ThroughputCallback) -> None:
         self.console = console
         self.throughput = throughput
         self.progress: Progress | None = None
         self.task: Any = None
+        self.validation: Any = None
         self.loss = float("nan")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
         self.progress = Progress(
-            TextColumn("[bold]train"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
@@ -116,6 +145,20 @@ class RichProgressCallback(TrainerCallback):
             loss=f"{self.loss:.4f}",
             tps=f"{self.throughput.tokens_per_second():,.0f}",
         )
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is None:
+            return
+        if self.validation is None:
+            loader = kwargs.get("eval_dataloader")
+            total = len(loader) if loader is not None and hasattr(loader, "__len__") else None
+            self.validation = self.progress.add_task("validate", total=total, loss="", tps="")
+        self.progress.advance(self.validation)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None and self.validation is not None:
+            self.progress.remove_task(self.validation)
+        self.validation = None
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:

@@ -18,15 +18,19 @@ class TokenCounter:
 
 
 class CountingCollator:
-    def __init__(self, packed: bool, pad_token_id: int, counter: TokenCounter) -> None:
+    """Packed samples padded to the packing length, so every training batch has one shape (a compiled model then
+    compiles once); other rows padded per batch."""
+
+    def __init__(self, packed: bool, pad_token_id: int, counter: TokenCounter, packing_length: int | None = None):
         self.packed = packed
         self.pad_token_id = pad_token_id
         self.counter = counter
+        self.packing_length = packing_length
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         self.counter.tokens += sum(len(row["input_ids"]) for row in rows)
         if self.packed and "position_ids" in rows[0]:
-            return collate_packed(rows, self.pad_token_id)
+            return collate_packed(rows, self.pad_token_id, self.packing_length)
         return collate_padded(rows, self.pad_token_id)
 
 

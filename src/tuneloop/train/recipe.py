@@ -29,6 +29,7 @@ from tuneloop.device import (
     peak_memory_mb,
     resolve_precision,
     settle_deepspeed_accelerator,
+    training_threads,
 )
 from tuneloop.errors import TuneloopError
 from tuneloop.models import (
@@ -39,8 +40,10 @@ from tuneloop.models import (
     load_tokenizer,
     pad_token_id,
 )
+from tuneloop.train.compile import compile_decision, compile_decoder_layers
 from tuneloop.train.memory import MemoryEstimate, estimate_memory, preflight
 from tuneloop.train.runs import open_run
+from tuneloop.train.schedule import Schedule, plan_schedule
 from tuneloop.train.strategies import check_strategy, shards_4bit_weights, trainer_arguments, uses_tuneloop_fsdp
 from tuneloop.workspace import RunPaths, Workspace
 
@@ -57,6 +60,7 @@ class _Run:
     precision: Precision
     quantization: str | None
     estimate: MemoryEstimate
+    compile: bool
 
 
 def _quiet() -> Console:
@@ -97,14 +101,17 @@ def train_model(
     prepared = prepared or prepare_dataset(config, workspace, console=console if is_main_process() else _quiet())
     run = _setup_run(config, workspace, prepared, resume, run_id, console)
     tokenizer = load_tokenizer(run.base, config.chat_template_spec())
-    model, model_memory_mb = _setup_model(config.train, run.base, run.precision)
+    model, model_memory_mb = _setup_model(config.train, run.base, run.precision, run.compile)
     train_data, val_data, collator = _setup_data(config.data, prepared, pad_token_id(tokenizer))
+    schedule = plan_schedule(config.train, len(train_data), world_size())
+    if is_main_process():
+        console.print(f"schedule: {schedule.describe()}")
     tracker = _setup_tracking(config, workspace, run, prepared) if _tracks_mlflow(config.train) else None
     from tuneloop.train.callbacks import ThroughputCallback
 
     throughput = ThroughputCallback(collator.counter)
     trainer = _setup_trainer(
-        config.train, model, run, train_data, val_data, collator,
+        config.train, schedule, model, run, train_data, val_data, collator,
         _setup_callbacks(config.train, console, throughput, val_data is not None, tracker, callbacks),
     )  # fmt: skip
     if is_main_process():
@@ -147,15 +154,18 @@ def _setup_run(
     if warning and not quiet:
         console.print(f"[yellow]warning:[/] {warning}")
     record, checkpoint = open_run(config, workspace, base_weights, prepared.dataset_id, resume, run_id, console)
+    compiled, compile_reason = compile_decision(settings, has_gpu(), world_size())
     if not quiet:
         console.print(
             f"run [bold]{record.run_id}[/]: {settings.method} on {config.model.base}, precision {precision.name} "
             f"({precision.reason})"
             + (f", 4-bit backend: {quantization}" if quantization else "")
+            + f", compile {'on' if compiled else 'off'} ({compile_reason}), "
+            + f"{training_threads(settings.num_threads, local_world_size())} threads"
             + (f", resuming from {checkpoint.name}" if checkpoint else "")
         )
     paths = workspace.run(record.run_id)
-    return _Run(record, paths, checkpoint, base, base_weights, precision, quantization, estimate)
+    return _Run(record, paths, checkpoint, base, base_weights, precision, quantization, estimate, compiled)
 
 
 def estimate_for(
@@ -166,8 +176,12 @@ def estimate_for(
     from transformers import AutoConfig
 
     settings = config.train
-    packed_or_unknown = config.data.packing or prepared is None
-    seq_len = config.data.max_seq_len if packed_or_unknown else max(prepared.manifest.tokens.p95, 1)
+    if prepared is None:
+        seq_len = config.data.max_seq_len
+    elif config.data.packing:
+        seq_len = prepared.manifest.packing.length or config.data.max_seq_len
+    else:
+        seq_len = max(prepared.manifest.tokens.p95, 1)
     return estimate_memory(
         AutoConfig.from_pretrained(base.source, trust_remote_code=base.trust_remote_code),
         settings.method,
@@ -186,14 +200,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _setup_model(settings: TrainConfig, base: BaseModelRef, precision: Precision) -> tuple[Any, float]:
+def _setup_model(
+    settings: TrainConfig, base: BaseModelRef, precision: Precision, compile_layers: bool
+) -> tuple[Any, float]:
     """The base model for `settings.method` (4-bit for QLoRA, 16-bit frozen base for LoRA where fast) with a new
-    LoRA adapter on it, and the base weights' memory footprint in MiB."""
+    LoRA adapter on it (its decoder layers compiled when `compile_layers`), and the base weights' memory footprint
+    in MiB."""
     import torch
     from transformers import set_seed
 
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
+    torch.set_num_threads(training_threads(settings.num_threads, local_world_size()))
     set_seed(settings.seed)
     model = load_base_for_training(
         base, settings.method, precision, settings.gradient_checkpointing, shards_4bit_weights(settings)
@@ -205,6 +221,8 @@ def _setup_model(settings: TrainConfig, base: BaseModelRef, precision: Precision
         from tuneloop.train.lora import peft_lora_config
 
         model = get_peft_model(model, peft_lora_config(settings.lora, model))
+    if compile_layers:
+        compile_decoder_layers(model)
     return model, model_memory_mb
 
 
@@ -244,7 +262,8 @@ def _setup_data(settings: DataConfig, prepared: PreparedDataset, pad_id: int) ->
     from tuneloop.train.inputs import CountingCollator, TokenCounter, load_splits
 
     train_data, val_data = load_splits(prepared)
-    return train_data, val_data, CountingCollator(settings.packing, pad_id, TokenCounter())
+    length = prepared.manifest.packing.length if settings.packing else None
+    return train_data, val_data, CountingCollator(settings.packing, pad_id, TokenCounter(), length)
 
 
 def _setup_callbacks(
@@ -305,6 +324,7 @@ def _setup_tracking(config: LoopConfig, workspace: Workspace, run: _Run, prepare
 
 def _setup_trainer(
     settings: TrainConfig,
+    schedule: Schedule,
     model: Any,
     run: _Run,
     train_data: Any,
@@ -315,14 +335,18 @@ def _setup_trainer(
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
-    args = _training_arguments(settings, run.paths, run.precision, has_val=val_data is not None)
-    trainer_class = Trainer
+    args = _training_arguments(settings, schedule, run.paths, run.precision, has_val=val_data is not None)
+    trainer_class: Any = Trainer
     if uses_tuneloop_fsdp(settings, world_size(), has_gpu()):
         from tuneloop.train.fsdp import ShardedTrainer, shard_model
 
         _ = args.device  # sets up the process group (Accelerate), which sharding needs
         model = shard_model(model, settings.distributed, run.precision.torch_dtype)
         trainer_class = ShardedTrainer
+    elif _computes_supervised_logits_only(settings, model):
+        from tuneloop.train.head import supervised_head_trainer
+
+        trainer_class = supervised_head_trainer(Trainer)
     trainer = trainer_class(
         model=model,
         args=args,
@@ -335,7 +359,19 @@ def _setup_trainer(
     return trainer
 
 
-def _training_arguments(settings: TrainConfig, paths: RunPaths, precision: Precision, has_val: bool) -> Any:
+def _computes_supervised_logits_only(settings: TrainConfig, model: Any) -> bool:
+    """`train.logits: supervised` unless the parameters are sharded (the head is then called outside the sharded
+    forward, which gathers them) or the model scales its logits."""
+    from tuneloop.train.head import supports_supervised_head
+
+    if settings.logits != "supervised" or settings.distributed.strategy in ("fsdp", "deepspeed_zero3"):
+        return False
+    return supports_supervised_head(model) is None
+
+
+def _training_arguments(
+    settings: TrainConfig, schedule: Schedule, paths: RunPaths, precision: Precision, has_val: bool
+) -> Any:
     from transformers import TrainingArguments
 
     trackers = [name for name in settings.report_to if name != "mlflow"]
@@ -347,10 +383,10 @@ def _training_arguments(settings: TrainConfig, paths: RunPaths, precision: Preci
     return TrainingArguments(
         output_dir=str(paths.checkpoints),
         per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size * 2,  # no gradients or optimizer state: twice the rows fit
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs,
+        num_train_epochs=schedule.epochs,
         max_steps=settings.max_steps or -1,
         warmup_steps=settings.warmup_ratio,
         lr_scheduler_type=settings.lr_scheduler,
@@ -361,9 +397,9 @@ def _training_arguments(settings: TrainConfig, paths: RunPaths, precision: Preci
         logging_steps=settings.logging_every,
         logging_first_step=True,
         eval_strategy="steps" if has_val else "no",
-        eval_steps=settings.eval_every,
+        eval_steps=schedule.eval_every,
         save_strategy="steps",
-        save_steps=settings.save_every,
+        save_steps=schedule.save_every,
         save_total_limit=settings.save_total_limit,
         load_best_model_at_end=settings.keep_best and has_val,
         metric_for_best_model="eval_loss",
@@ -419,6 +455,8 @@ def _finalize(
         steps=trainer.state.global_step,
         tokens=throughput.train_tokens(),
         tokens_per_second=round(throughput.tokens_per_second(), 1),
+        first_step_seconds=round(throughput.first_step_seconds or 0.0, 1),
+        compiled=run.compile,
         peak_memory_mb=round(peak_memory_mb(), 1),
         wall_seconds=round(time.perf_counter() - started, 1),
         mlflow_run_id=run.record.mlflow_run_id,
