@@ -124,7 +124,7 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# The whole loop on the bundled SmolLM2-135M and the built-in demo data (~10 min on 2 CPU cores), then one chat
+# The whole loop on the bundled SmolLM2-135M and the built-in demo data (3-6 min on 2 CPU cores after setup), then one chat
 # request to the base model and to the new champion through the gateway, side by side.
 demo: setup
 	$(VENV)/bin/tuneloop run -c examples/quickstart.yaml
