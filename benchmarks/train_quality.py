@@ -121,9 +121,8 @@ def run_task(name: str, train_rows: int, folder: Path) -> dict[str, Any]:
 
 
 def accuracy(metrics: dict[str, Any], model: str) -> float | None:
-    """`metrics` as `tuneloop run --json` prints it: per model (`tuned`, `base`) or flat for the tuned one."""
-    scope = metrics.get(model, metrics if model == "tuned" else {})
-    value = scope.get("accuracy") if isinstance(scope, dict) else None
+    """`metrics` as `tuneloop run --json` prints it: per model, `tuned` and `base`."""
+    value = metrics.get(model, {}).get("accuracy")
     return float(value) if value is not None else None
 
 

@@ -299,8 +299,8 @@ class TrainConfig(_Section):
     )
     eval_every: int | Literal["auto"] = Field(
         "auto",
-        description="Compute the validation loss every N optimizer steps. `auto`: five times in a run (at least every "
-        "10 steps).",
+        description="Compute the validation loss every N optimizer steps. `auto`: five times in a run, at least 10 "
+        "steps apart.",
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop when the validation loss has not improved for this many evaluations."

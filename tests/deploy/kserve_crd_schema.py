@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,24 @@ SCHEMA_VALUES = ("items", "additionalProperties", "not")
 
 def _canonical(node: Any) -> str:
     return json.dumps(node, sort_keys=True, separators=(",", ":"))
+
+
+def _map_subschemas(
+    node: dict[str, Any], rewrite: Callable[[dict[str, Any]], dict[str, Any]], maps: tuple[str, ...] = SCHEMA_MAPS
+) -> dict[str, Any]:
+    """`node` with `rewrite` applied to each of its direct sub-schemas (under `maps`, SCHEMA_LISTS, SCHEMA_VALUES);
+    everything else (a `properties` mapping's keys, enums, defaults) is kept as it is."""
+    rewritten: dict[str, Any] = {}
+    for name, value in node.items():
+        if name in maps:
+            rewritten[name] = {field: rewrite(schema) for field, schema in value.items()}
+        elif name in SCHEMA_LISTS:
+            rewritten[name] = [rewrite(schema) for schema in value]
+        elif name in SCHEMA_VALUES and isinstance(value, dict):
+            rewritten[name] = rewrite(value)
+        else:
+            rewritten[name] = value
+    return rewritten
 
 
 def _without_descriptions(node: Any) -> Any:
@@ -67,16 +86,7 @@ def vendor(crd_path: Path, commit: str) -> dict[str, Any]:
         """`node` (a schema) with its repeated sub-schemas as references; only schemas are replaced, never a
         `properties` mapping, an enum or a default."""
         key = _canonical(node)
-        rewritten: dict[str, Any] = {}
-        for name, value in node.items():
-            if name in SCHEMA_MAPS:
-                rewritten[name] = {field: share(schema) for field, schema in value.items()}
-            elif name in SCHEMA_LISTS:
-                rewritten[name] = [share(schema) for schema in value]
-            elif name in SCHEMA_VALUES and isinstance(value, dict):
-                rewritten[name] = share(value)
-            else:
-                rewritten[name] = value
+        rewritten = _map_subschemas(node, share)
         if counts[key] > 1 and len(key) >= SHARED_MIN_CHARS:
             if key not in names:
                 names[key] = f"shared{len(names)}"
@@ -93,16 +103,7 @@ def vendor(crd_path: Path, commit: str) -> dict[str, Any]:
 
 
 def _strict(schema: dict[str, Any]) -> dict[str, Any]:
-    strict: dict[str, Any] = {}
-    for name, value in schema.items():
-        if name in (*SCHEMA_MAPS, "$defs"):
-            strict[name] = {field: _strict(sub) for field, sub in value.items()}
-        elif name in SCHEMA_LISTS:
-            strict[name] = [_strict(sub) for sub in value]
-        elif name in SCHEMA_VALUES and isinstance(value, dict):
-            strict[name] = _strict(value)
-        else:
-            strict[name] = value
+    strict = _map_subschemas(schema, _strict, (*SCHEMA_MAPS, "$defs"))
     closed = "properties" in strict and "additionalProperties" not in strict
     if closed and not strict.get("x-kubernetes-preserve-unknown-fields"):
         strict["additionalProperties"] = False

@@ -59,7 +59,6 @@ class ThroughputCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.perf_counter()
         self.start_tokens = self.mark = self.counter.tokens
-        self.paused_seconds, self.paused_since, self.first_step_seconds = 0.0, None, None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.paused_since is not None:

@@ -15,7 +15,7 @@ from tuneloop.config import TrainConfig
 
 def compile_decision(settings: TrainConfig, gpu: bool, world_size: int) -> tuple[bool, str]:
     """Whether to compile, and why (printed at the start of a run)."""
-    if settings.compile is not True and settings.compile is not False:  # auto
+    if settings.compile == "auto":
         if gpu:
             return False, "auto: not measured on GPUs yet"
         if settings.method == "qlora":
@@ -43,9 +43,5 @@ def compile_decoder_layers(model: Any) -> int:
 
 
 def _repeated_blocks(model: Any) -> list[str]:
-    for candidate in (model, getattr(model, "base_model", None), getattr(model, "model", None)):
-        names = getattr(candidate, "_no_split_modules", None)
-        if names:
-            return list(names)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside PEFT's wrapper
     return list(getattr(inner, "_no_split_modules", None) or [])

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE_INDEX = -100
+from tuneloop.data.render import IGNORE_INDEX
+
 CHUNK_TOKENS = 1024  # logits of one chunk: 1,024 x 49,152 fp32 = 192 MiB
 
 # Config attributes of models whose logits are not just `lm_head(hidden)`; their own forward is kept for them

@@ -61,6 +61,7 @@ class _Run:
     quantization: str | None
     estimate: MemoryEstimate
     compile: bool
+    threads: int
 
 
 def _quiet() -> Console:
@@ -101,7 +102,7 @@ def train_model(
     prepared = prepared or prepare_dataset(config, workspace, console=console if is_main_process() else _quiet())
     run = _setup_run(config, workspace, prepared, resume, run_id, console)
     tokenizer = load_tokenizer(run.base, config.chat_template_spec())
-    model, model_memory_mb = _setup_model(config.train, run.base, run.precision, run.compile)
+    model, model_memory_mb = _setup_model(config.train, run.base, run.precision, run.compile, run.threads)
     train_data, val_data, collator = _setup_data(config.data, prepared, pad_token_id(tokenizer))
     schedule = plan_schedule(config.train, len(train_data), world_size())
     if is_main_process():
@@ -155,17 +156,18 @@ def _setup_run(
         console.print(f"[yellow]warning:[/] {warning}")
     record, checkpoint = open_run(config, workspace, base_weights, prepared.dataset_id, resume, run_id, console)
     compiled, compile_reason = compile_decision(settings, has_gpu(), world_size())
+    threads = training_threads(settings.num_threads, local_world_size())
     if not quiet:
         console.print(
             f"run [bold]{record.run_id}[/]: {settings.method} on {config.model.base}, precision {precision.name} "
             f"({precision.reason})"
             + (f", 4-bit backend: {quantization}" if quantization else "")
             + f", compile {'on' if compiled else 'off'} ({compile_reason}), "
-            + f"{training_threads(settings.num_threads, local_world_size())} threads"
+            + f"{threads} threads"
             + (f", resuming from {checkpoint.name}" if checkpoint else "")
         )
     paths = workspace.run(record.run_id)
-    return _Run(record, paths, checkpoint, base, base_weights, precision, quantization, estimate, compiled)
+    return _Run(record, paths, checkpoint, base, base_weights, precision, quantization, estimate, compiled, threads)
 
 
 def estimate_for(
@@ -201,15 +203,15 @@ def world_size() -> int:
 
 
 def _setup_model(
-    settings: TrainConfig, base: BaseModelRef, precision: Precision, compile_layers: bool
+    settings: TrainConfig, base: BaseModelRef, precision: Precision, compile_layers: bool, threads: int
 ) -> tuple[Any, float]:
     """The base model for `settings.method` (4-bit for QLoRA, 16-bit frozen base for LoRA where fast) with a new
-    LoRA adapter on it (its decoder layers compiled when `compile_layers`), and the base weights' memory footprint
-    in MiB."""
+    LoRA adapter on it (its decoder layers compiled when `compile_layers`), trained on `threads` CPU threads, and the
+    base weights' memory footprint in MiB."""
     import torch
     from transformers import set_seed
 
-    torch.set_num_threads(training_threads(settings.num_threads, local_world_size()))
+    torch.set_num_threads(threads)
     set_seed(settings.seed)
     model = load_base_for_training(
         base, settings.method, precision, settings.gradient_checkpointing, shards_4bit_weights(settings)
