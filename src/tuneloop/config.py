@@ -149,8 +149,8 @@ class DataConfig(_Section):
     packing_length: int | Literal["auto"] = Field(
         "auto",
         description=(
-            "Tokens per packed sample. `auto`: the smallest power of two (at least 256) that holds the longest train "
-            "row, at most `max_seq_len`; attention over a packed sample costs O(length^2) on a CPU, so shorter samples "
+            "Tokens per packed sample (raised to the longest train row if shorter). `auto`: the smallest power of two "
+            "(at least 256) that holds the longest train row, at most `max_seq_len`; attention over a packed sample costs O(length^2) on a CPU, so shorter samples "
             "are faster when the rows are short."
         ),
     )
@@ -158,6 +158,13 @@ class DataConfig(_Section):
         "assistant", description="Which tokens carry loss: the assistant's turns only (default) or every token."
     )
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
+
+    @field_validator("packing_length")
+    @classmethod
+    def _packing_length_holds_a_row(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 8:
+            raise ValueError("must be at least 8 tokens, or `auto`")
+        return value
 
 
 class LoraConfig(_Section):
@@ -346,6 +353,13 @@ class TrainConfig(_Section):
     )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @field_validator("epochs", "eval_every", "save_every")
+    @classmethod
+    def _positive_or_auto(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError("must be positive, or `auto`")
+        return value
 
     @model_validator(mode="after")
     def _best_needs_aligned_checkpoints(self) -> TrainConfig:

@@ -160,3 +160,21 @@ def test_validation_shows_its_own_progress_bar() -> None:
     progress.on_evaluate(None, state, None)
     assert [task.description for task in progress.progress.tasks] == ["train"]
     progress.on_train_end(None, state, None)
+
+
+@pytest.mark.parametrize(
+    ("section", "values"),
+    [
+        ("train", {"eval_every": 0}),
+        ("train", {"save_every": -2}),
+        ("train", {"epochs": 0}),
+        ("data", {"packing_length": 4}),
+    ],
+)
+def test_auto_or_a_positive_number_is_required(section: str, values: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    from tuneloop.config import DataConfig
+
+    with pytest.raises(ValidationError, match="or `auto`"):
+        (TrainConfig if section == "train" else DataConfig)(**values)
