@@ -78,6 +78,11 @@ class EvalPaths:
     pairwise_jsonl = _child("pairwise.jsonl")
     pairwise_key = _child("pairwise_key.json")
 
+    outputs = _child("outputs.jsonl", "Every evaluated row: id, prompt, reference and each model's answer by label.")
+    judge = _child("judge.jsonl", "The LLM judge's verdicts and reasons, one line per judged comparison or grade.")
+    ratings = _child("ratings.jsonl", "Human ratings from /dashboard/rate (or imported): rater, row, scores, note.")
+    labelstudio_tasks = _child("labelstudio_tasks.json", "The rows as Label Studio tasks, for teams annotating there.")
+
     def plot(self, name: str) -> Path:
         return self.root / f"{name}.png"
 

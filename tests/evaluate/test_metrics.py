@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tuneloop import scoring as metrics
 from tuneloop.errors import ConfigError
-from tuneloop.evaluate import metrics
 from tuneloop.evaluate.gates import check_gates
-from tuneloop.evaluate.pairwise import import_ratings, wilson_interval, write_sheet
+from tuneloop.evaluate.pairwise import import_ratings, write_sheet
+from tuneloop.stats import wilson_interval
 from tuneloop.workspace import EvalPaths
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import DataError
+from tuneloop.stats import wilson_interval
 from tuneloop.workspace import EvalPaths
 
 
@@ -74,13 +74,6 @@ def import_ratings(ratings_file: Path, key_file: Path | None = None, model: str 
         "preference_rate": rate,
         "ci95": [low, high],
     }
-
-
-def wilson_interval(rate: float, count: int, z: float = 1.96) -> tuple[float, float]:
-    denominator = 1 + z * z / count
-    centre = (rate + z * z / (2 * count)) / denominator
-    margin = z * math.sqrt(rate * (1 - rate) / count + z * z / (4 * count * count)) / denominator
-    return max(0.0, centre - margin), min(1.0, centre + margin)
 
 
 def _read_ratings(path: Path) -> dict[str, str]:

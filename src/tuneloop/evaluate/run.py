@@ -14,6 +14,7 @@ from typing import Any, get_args
 
 from rich.console import Console
 
+from tuneloop import scoring as text_metrics
 from tuneloop.artifacts.dataset import PreparedDataset
 from tuneloop.artifacts.evaluation import EvalReport
 from tuneloop.artifacts.training import RunRecord
@@ -21,7 +22,6 @@ from tuneloop.config import EvalMetric, LoopConfig
 from tuneloop.config_file import validate_config
 from tuneloop.data.prepare import prepare_dataset
 from tuneloop.errors import TuneloopError
-from tuneloop.evaluate import metrics as text_metrics
 from tuneloop.evaluate import safety
 from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.generate import generate, latency, load_for_eval, perplexity
