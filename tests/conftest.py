@@ -67,6 +67,8 @@ def write_config(directory: Path, model: Path | str, sources: list[dict[str, Any
     config = {
         "model": {"base": str(model)},
         "data": {"sources": sources, "max_seq_len": 256, "filters": filters, **data},
+        # In-process generation: a test that checks an engine asks for it (tests/serve/test_offline_engine.py).
+        "eval": {"engine": "inprocess"},
     }
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))

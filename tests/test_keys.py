@@ -37,6 +37,9 @@ TABLE: list[tuple[str, tuple[bool, bool, bool]]] = [
     ("eval.limit=5", (False, False, True)),
     ("eval.max_new_tokens=7", (False, False, True)),
     ("eval.gates={perplexity_max: 10}", (False, False, True)),
+    # Without task metrics during training, how answers are parsed matters to evaluation only.
+    ("eval.labels=[good, bad]", (False, False, True)),
+    ("train.eval_generate={rows: 4}", (False, True, True)),
     ("train.learning_rate=0.001", (False, True, True)),
     ("train.lora.r=4", (False, True, True)),
     ("train.max_steps=3", (False, True, True)),
@@ -74,6 +77,15 @@ def test_which_change_invalidates_which_step(project: Path, tmp_path: Path, over
     before = step_keys(project, workspace)
     after = step_keys(project, workspace, override)
     assert tuple(a != b for a, b in zip(before, after, strict=True)) == expected
+
+
+def test_answer_parsing_names_the_run_when_training_scores_answers(project: Path, tmp_path: Path) -> None:
+    """With train.eval_generate, eval.labels and eval.answer_regex score the answers that choose the kept checkpoint."""
+    workspace = Workspace(tmp_path / "ws")
+    scoring = "train.eval_generate={rows: 4, metrics: [accuracy]}"
+    before = step_keys(project, workspace, scoring)
+    assert step_keys(project, workspace, scoring, "eval.labels=[good, bad]")[1] != before[1]
+    assert step_keys(project, workspace, scoring, "eval.answer_regex='Answer: (.*)'")[1] != before[1]
 
 
 def test_other_keys(project: Path, tmp_path: Path) -> None:

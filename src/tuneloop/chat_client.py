@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from tuneloop.errors import TuneloopError
 
@@ -25,6 +26,8 @@ class ChatEndpoint:
     model: str  # the `model` field of each request
     api_key: str | None = None
     label: str = ""  # short name in reports
+    # Fields merged into each request's JSON body: what selects a LoRA on a llama-server (`lora` scales), for one.
+    extra_body: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def describe(self) -> str:
         return f"{self.model} at {self.base_url}"
@@ -66,6 +69,7 @@ def chat_generate(
                 max_tokens=max_new_tokens,
                 temperature=0,
                 stop=stop or None,
+                extra_body=endpoint.extra_body,
             )
         except OpenAIError as error:
             raise TuneloopError(

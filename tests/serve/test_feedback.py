@@ -16,6 +16,7 @@ from tuneloop.config import RouteConfig, ServeConfig
 from tuneloop.serve.gateway.app import create_app
 from tuneloop.serve.gateway.feedback import FeedbackRequest, FeedbackStore
 from tuneloop.serve.gateway.routing import Router
+from tuneloop.stats import wilson_interval
 
 ROUTE = "assistant"
 
@@ -152,7 +153,16 @@ def test_store_skips_and_counts_malformed_lines(tmp_path: Path) -> None:
     store = FeedbackStore(path)
     assert store.skipped_lines == 5
     assert store.summary() == [
-        {"model": "extractor", "variant": "champion", "responses": 0, "ratings": 2, "preference_rate": 0.5}
+        {
+            "model": "extractor",
+            "variant": "champion",
+            "responses": 0,
+            "ratings": 2,
+            "positive": 1,
+            "preference_rate": 0.5,
+            "preference_ci95": pytest.approx(list(wilson_interval(0.5, 2))),
+            "vs_control": None,  # the only variant is its route's control
+        }
     ]
     rate(store, "r1", "extractor", "champion", "up")  # appended on a line of its own, after the cut one
     assert FeedbackStore(path).summary()[0]["ratings"] == 3

@@ -1,4 +1,4 @@
-"""An evaluation's `metrics.json`: per-model metrics, gate results and where the report is."""
+"""An evaluation's `metrics.json`: per-model metrics, gate results, the judge's summary and where the report is."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ class EvalReport(JsonArtifact):
     report: str = Field(description="The HTML report.")
     dir: str = Field(description="The report folder.")
     pairwise: dict[str, str] | None = Field(None, description="Blind A/B sheet files, when asked for.")
+    outputs: str | None = Field(None, description="outputs.jsonl: every evaluated row with each model's answer.")
+    judge: dict[str, Any] | None = Field(
+        None, description="The LLM judge's summary (`--judge`): pairs, grade means, unparsed replies, judge.jsonl."
+    )
+    significance: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="Metric -> paired test of the evaluated model against the baseline on the same rows: "
+        "`difference`, `ci95`, `p_value`, `test` (McNemar or paired bootstrap), `significant` (p < 0.05), `n`.",
+    )
 
     @property
     def primary(self) -> dict[str, float]:

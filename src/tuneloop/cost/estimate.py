@@ -8,14 +8,10 @@ training run and serving benchmark); without either it is listed with no figure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
-
 from tuneloop.errors import ConfigError
-
-DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")
+from tuneloop.prices import load_prices as load_prices  # the table is read in the shared layer (eval prices too)
 
 
 @dataclass
@@ -29,23 +25,6 @@ class Measured:
     serving_tokens_per_second: float | None = None
     run_id: str | None = None
     serving_source: str | None = None
-
-
-def load_prices(path: Path | None) -> dict[str, Any]:
-    path = path or DEFAULT_PRICES
-    try:
-        table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read the price table {path}: {error}") from None
-    for name, entry in (table.get("compute") or {}).items():
-        if not isinstance(entry, dict) or ("usd_per_hour" not in entry and "usd_per_second" not in entry):
-            raise ConfigError(
-                f"{path}: compute.{name} needs usd_per_hour or usd_per_second", hint="see the comments in prices.yaml"
-            )
-    for name, entry in (table.get("api") or {}).items():
-        if not isinstance(entry, dict) or "usd_per_million_output_tokens" not in entry:
-            raise ConfigError(f"{path}: api.{name} needs usd_per_million_output_tokens")
-    return table
 
 
 Platform = Literal["cpu", "k8s-gpu", "modal", "runpod", "sagemaker"]

@@ -23,7 +23,16 @@ def load_for_eval(spec: ModelSpec, dtype: Any) -> tuple[Any, Any]:
     tokenizer = load_saved_tokenizer(spec.tokenizer_folder, spec.trust_remote_code)
     adapters = {"default": spec.adapter} if spec.adapter is not None else None
     model = load_model(spec.weights, dtype=dtype, adapters=adapters, trust_remote_code=spec.trust_remote_code)
+    from tuneloop.device import has_gpu
+
+    if has_gpu():  # evaluation on a GPU machine runs on the GPU; inputs follow the model (`_on`)
+        model = model.to("cuda")
     return model.eval(), tokenizer
+
+
+def _on(model: Any, batch: Any) -> Any:
+    """A tokenized batch on the model's device."""
+    return batch.to(model.device)
 
 
 def generate(
@@ -33,30 +42,39 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     progress: Any = None,
+    stop: list[str] | None = None,
 ) -> list[Generation]:
-    """Greedy, batched (left padding). Prompts are message lists rendered with the chat template."""
+    """Greedy, batched (left padding). Prompts are message lists rendered with the chat template. Generation ends at
+    EOS, at `max_new_tokens`, or at the first of the `stop` strings (not part of the answer), as an engine's does."""
     import torch
+
+    from tuneloop.evaluate.budget import truncate_at_stop
 
     tokenizer.padding_side = "left"
     pad_id = pad_token_id(tokenizer)
     stop_ids = {tokenizer.eos_token_id}
+    # Transformers stops a row at a stop string and pads it from there on; the padding is not generated text.
+    stopping = {"stop_strings": stop, "tokenizer": tokenizer} if stop else {}
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         texts = [
             tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             for messages in prompts[start : start + batch_size]
         ]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = _on(model, tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
         with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            output = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, **stopping
+            )
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
             ended = next((i for i, token in enumerate(row) if token in stop_ids), None)
             kept = row if ended is None else row[:ended]
-            results.append(
-                Generation(
-                    tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), hit_max_tokens=ended is None
-                )
-            )
+            while kept and kept[-1] == pad_id:
+                kept = kept[:-1]
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            answer = truncate_at_stop(text, stop or [])
+            stopped = answer != text.strip()
+            results.append(Generation(answer, len(kept), hit_max_tokens=ended is None and not stopped))
         if progress is not None:
             progress(len(texts))
     return results
@@ -70,7 +88,10 @@ def perplexity(model: Any, rows: list[dict[str, list[int]]], pad_token_id: int, 
 
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = collate_padded(rows[start : start + batch_size], pad_token_id)
+        batch = {
+            name: tensor.to(model.device)
+            for name, tensor in collate_padded(rows[start : start + batch_size], pad_token_id).items()
+        }
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -90,7 +111,7 @@ def latency(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], new
     first, rates = [], []
     for messages in prompts:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        batch = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        batch = _on(model, tokenizer(text, return_tensors="pt", add_special_tokens=False))
         with torch.no_grad():
             started = time.perf_counter()
             model.generate(**batch, max_new_tokens=1, do_sample=False, pad_token_id=pad_token_id(tokenizer))

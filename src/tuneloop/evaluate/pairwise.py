@@ -3,6 +3,9 @@
 `write_sheet` shuffles which model is A per row (seeded) and keeps the key in a separate file, so raters (people,
 or an LLM judge) never see which answer came from which model. `import_ratings` reads a CSV/JSONL with `id` and
 `preference` (A, B or tie) and returns the tuned model's win rate (ties count half) with a Wilson 95% interval.
+
+This is the spreadsheet path (`tuneloop eval --pairwise` / `--import-ratings`). Rubric scores, several raters and
+their agreement come from the browser page (/dashboard/rate) or Label Studio instead: see `evaluate.human`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The evaluation report: report.md and a self-contained report.html with the metrics table (model, comparison,
-delta), gate results, plots (metric bars, output-length histograms) and side-by-side sample outputs."""
+delta), gate results, notes (API usage and cost, skipped metrics), the LLM judge's summary, plots (metric bars,
+output-length histograms) and side-by-side sample outputs."""
 
 from __future__ import annotations
 
@@ -33,8 +34,16 @@ def write_eval_report(out: EvalPaths, report: EvalReport, outcomes: list[Any], r
     for name, png in plots.items():
         if png:
             out.plot(name).write_bytes(png)
+    notes = [
+        (outcome.spec.label, note)
+        for outcome in outcomes
+        for note in [*outcome.details.get("notes", []), outcome.details.get("cost")]
+        if note
+    ]
     context = {
         "summary": report.model_dump(mode="json"),
+        "notes": notes,
+        "judge": report.judge,
         "labels": labels,
         "table": table,
         "samples": sample_rows,
@@ -52,6 +61,22 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+def _significance_markdown(significance: dict[str, dict[str, Any]], labels: list[str]) -> list[str]:
+    lines = [
+        f"## Is the difference real? ({labels[0]} - {labels[1]}, paired on the same rows)",
+        "",
+        "| metric | difference | 95% CI | p-value | test | significant |",
+        "|---|---:|---|---:|---|---|",
+    ]
+    for metric, test in significance.items():
+        low, high = test["ci95"]
+        lines.append(
+            f"| {metric} | {test['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] | {test['p_value']:.4g} | "
+            f"{test['test']} | {'**yes**' if test['significant'] else 'no'} |"
+        )
+    return lines
 
 
 def _markdown(context: dict[str, Any]) -> str:
@@ -76,6 +101,12 @@ def _markdown(context: dict[str, Any]) -> str:
         lines += ["", "## Gates", "", "| gate | rule | value | result |", "|---|---|---:|---|"]
         for gate, result in summary["gate_details"].items():
             lines.append(f"| {gate} | {result['rule']} | {_fmt(result['value'])} | **{result['result']}** |")
+    if summary.get("significance"):
+        lines += ["", *_significance_markdown(summary["significance"], labels)]
+    if context["notes"]:
+        lines += ["", "## Notes", ""] + [f"- **{label}**: {note}" for label, note in context["notes"]]
+    if context["judge"]:
+        lines += ["", *_judge_markdown(context["judge"])]
     lines += ["", "![metrics](metrics.png)", "", "![output lengths](lengths.png)", ""]
     if context["samples"]:
         lines += ["## Sample outputs", ""]
@@ -93,11 +124,60 @@ def _markdown(context: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _judge_markdown(judge: dict[str, Any]) -> list[str]:
+    lines = [
+        "## LLM judge",
+        "",
+        f"Judge: `{judge['judge']}`; {judge['calls']} calls, {judge['unparsed']} without a verdict "
+        f"({judge['errors']} failed requests), {judge['prompt_tokens']} prompt + {judge['completion_tokens']} "
+        f"completion tokens{_judge_cost(judge)}. Rule: {judge['rule']}. Every reply: `{judge['file']}`.",
+    ]
+    if judge["pairs"]:
+        lines += [
+            "",
+            "| pair | wins | ties | losses | unparsed | win rate | 95% CI |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for pair in judge["pairs"]:
+            rate = pair.get("judge_win_rate")
+            interval = (
+                f"{pair['judge_win_rate_ci_low']:.3f}-{pair['judge_win_rate_ci_high']:.3f}" if rate is not None else "-"
+            )
+            lines.append(
+                f"| {pair['models'][0]} vs {pair['models'][1]} | {pair['judge_wins']} | {pair['judge_ties']} | "
+                f"{pair['judge_losses']} | {pair['unparsed']} | {_fmt(rate)} | {interval} |"
+            )
+    if judge["grades"]:
+        dimensions = judge["dimensions"]
+        lines += ["", "| model (1-5) | " + " | ".join(dimensions) + " |", "|---|" + "---:|" * len(dimensions)]
+        for label, scores in judge["grades"].items():
+            lines.append(f"| {label} | " + " | ".join(_fmt(scores.get(d)) for d in dimensions) + " |")
+    if judge["examples"]:
+        lines += ["", "Some of the judge's reasons:", ""]
+        for example in judge["examples"]:
+            about = (
+                f"{example['a']} (A) vs {example['b']} (B)"
+                if example["kind"] == "pairwise"
+                else f"{example['model']}, {example['dimension']}"
+            )
+            reply = " ".join(example["reply"].split())
+            lines.append(f"- `{example['id']}` {about}: {reply[:400]}")
+    return lines
+
+
+def _judge_cost(judge: dict[str, Any]) -> str:
+    return f" (${judge['cost_usd']:.6f})" if judge.get("cost_usd") is not None else ""
+
+
+# Metrics that are counts or dollars, not rates: never drawn on the 0-1 bar chart.
+_NOT_RATES = {"ttft_s", "mean_nll", "eval_cost_usd", "judge_wins", "judge_ties", "judge_losses", "judge_unparsed"}
+
+
 def _metric_bars(outcomes: list[Any], names: list[str]) -> bytes | None:
     unit = [
         name
         for name in names
-        if all(0 <= outcome.metrics.get(name, 0) <= 1 for outcome in outcomes) and name not in ("ttft_s", "mean_nll")
+        if all(0 <= outcome.metrics.get(name, 0) <= 1 for outcome in outcomes) and name not in _NOT_RATES
     ]
     if not unit:
         return None

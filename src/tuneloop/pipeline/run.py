@@ -127,7 +127,10 @@ def _evaluate(
     cached = state.get("eval", {})
     if cached.get("key") == key and Path(cached.get("metrics", "")).exists():
         return EvalReport.load(Path(cached["metrics"])), False
-    report = run_evaluation(config, workspace, run_id, "base", console=console)
+    from tuneloop.serve.offline import local_eval_engine
+
+    engine = local_eval_engine(config, workspace, console)
+    report = run_evaluation(config, workspace, run_id, "base", console=console, local_engine=engine)
     state["eval"] = {"key": key, "metrics": str(EvalPaths(Path(report.dir)).metrics)}
     write_json(run.pipeline_state, state)
     return report, True

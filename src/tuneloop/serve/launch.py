@@ -72,6 +72,7 @@ def build_gateway(
         batch_store=BatchStore(files),
         workspace=workspace,
         registry=_registry_opener(config, workspace),
+        rubric=config.eval.rubric,
     )
     return Gateway(app, engine_instance, host or settings.host, port or settings.port)
 

@@ -4,6 +4,8 @@ logging. (Optuna pruning is the sweep's own callback, in sweep.py.)"""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -171,12 +173,46 @@ class RichProgressCallback(TrainerCallback):
                     f"eta {self.progress.tasks[0].time_remaining or 0:.0f} s"
                 )
         if self.progress is not None and logs and "eval_loss" in logs:
-            self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+            self.progress.console.print(f"step {state.global_step}: {describe_validation(logs)}")
+
+    @contextmanager
+    def generation_bar(self, total: int) -> Iterator[Callable[[int], None]]:
+        """A bar for a task-metrics generation pass (`train.eval_generate`); yields the function advancing it."""
+        if self.progress is None:
+            yield lambda _done: None
+            return
+        progress = self.progress
+        task = progress.add_task("generate", total=total, loss="", tps="")
+        try:
+            yield lambda done: progress.advance(task, done)
+        finally:
+            progress.remove_task(task)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def describe_validation(logs: dict[str, float]) -> str:
+    """`eval_loss 1.2345, eval_exact_match 0.8125 (generation 4.2 s)`: the validation's metrics on one line."""
+    shown = [
+        f"{name} {value:.4f}"
+        for name, value in logs.items()
+        if name.startswith("eval_") and name not in _TIMING_KEYS and isinstance(value, int | float)
+    ]
+    seconds = logs.get("eval_generate_seconds")
+    return ", ".join(shown) + (f" (generation {seconds:.1f} s)" if seconds is not None else "")
+
+
+# Timings the Trainer (and eval_generate) add to a validation's log entry: logged, not shown as metrics.
+_TIMING_KEYS = {
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+    "eval_model_preparation_time",
+    "eval_generate_seconds",
+}
 
 
 class MlflowCallback(TrainerCallback):

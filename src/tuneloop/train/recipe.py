@@ -108,12 +108,18 @@ def train_model(
     if is_main_process():
         console.print(f"schedule: {schedule.describe()}")
     tracker = _setup_tracking(config, workspace, run, prepared) if _tracks_mlflow(config.train) else None
-    from tuneloop.train.callbacks import ThroughputCallback
+    from tuneloop.train.callbacks import RichProgressCallback, ThroughputCallback
 
     throughput = ThroughputCallback(collator.counter)
+    progress = RichProgressCallback(console, throughput)
+    # eval.labels / eval.answer_regex say how an answer is read (for accuracy and exact match) in training too.
+    task_metrics = _setup_task_metrics(
+        config.train, prepared, tokenizer, config.eval.labels, config.eval.answer_regex, progress
+    )
     trainer = _setup_trainer(
         config.train, schedule, model, run, train_data, val_data, collator,
-        _setup_callbacks(config.train, console, throughput, val_data is not None, tracker, callbacks),
+        _setup_callbacks(config.train, throughput, progress, val_data is not None, tracker, callbacks),
+        task_metrics,
     )  # fmt: skip
     if is_main_process():
         run.record.save(run.paths.record)
@@ -123,6 +129,11 @@ def train_model(
         if is_main_process():
             _mark_failed(run, tracker)
         raise
+    if is_main_process() and config.train.keep_best and trainer.state.best_global_step:
+        console.print(
+            f"keep-best: step {trainer.state.best_global_step} "
+            f"({config.train.metric_for_best} {trainer.state.best_metric:.4f})"
+        )
     return _finalize(config, trainer, model, tokenizer, run, prepared, throughput, tracker, started, model_memory_mb)
 
 
@@ -268,17 +279,32 @@ def _setup_data(settings: DataConfig, prepared: PreparedDataset, pad_id: int) ->
     return train_data, val_data, CountingCollator(settings.packing, pad_id, TokenCounter(), length)
 
 
+def _setup_task_metrics(
+    settings: TrainConfig,
+    prepared: PreparedDataset,
+    tokenizer: Any,
+    labels: list[str] | None,
+    answer_regex: str | None,
+    progress: Any,
+) -> Any:
+    """`train.eval_generate`'s rows and scorer (None when it is off); `labels`/`answer_regex` read the answers."""
+    if settings.eval_generate is None:
+        return None
+    from tuneloop.train.eval_generate import TaskMetrics, load_generation_rows
+
+    rows = load_generation_rows(prepared, settings.eval_generate.rows)
+    return TaskMetrics(settings.eval_generate, tokenizer, rows, labels, answer_regex, progress.generation_bar)
+
+
 def _setup_callbacks(
     settings: TrainConfig,
-    console: Console,
     throughput: Any,
+    progress: Any,
     has_val: bool,
     tracker: Any,
     extra: Sequence[Any],
 ) -> list[Any]:
-    from tuneloop.train.callbacks import RichProgressCallback
-
-    chosen: list[Any] = [throughput, RichProgressCallback(console, throughput), *extra]
+    chosen: list[Any] = [throughput, progress, *extra]
     if settings.early_stopping_patience and has_val:
         from transformers import EarlyStoppingCallback
 
@@ -333,6 +359,7 @@ def _setup_trainer(
     val_data: Any,
     collator: Any,
     callbacks: list[Any],
+    task_metrics: Any = None,
 ) -> Any:
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
@@ -349,6 +376,10 @@ def _setup_trainer(
         from tuneloop.train.head import supervised_head_trainer
 
         trainer_class = supervised_head_trainer(Trainer)
+    if task_metrics is not None:
+        from tuneloop.train.eval_generate import task_metrics_trainer
+
+        trainer_class = task_metrics_trainer(trainer_class, task_metrics)
     trainer = trainer_class(
         model=model,
         args=args,
@@ -404,8 +435,8 @@ def _training_arguments(
         save_steps=schedule.save_every,
         save_total_limit=settings.save_total_limit,
         load_best_model_at_end=settings.keep_best and has_val,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
+        metric_for_best_model=settings.metric_for_best,
+        greater_is_better=settings.greater_is_better(),
         report_to=trackers or "none",
         seed=settings.seed,
         data_seed=settings.seed,
@@ -491,9 +522,12 @@ def _final_eval_loss(trainer: Any, keep_best: bool) -> float:
     """The validation loss of the model as saved, without a second pass over the validation set when the last
     step was just evaluated (a full pass costs about a minute per 300 rows on 2 CPU cores)."""
     state = trainer.state
-    if keep_best and state.best_metric is not None:
-        return float(state.best_metric)  # load_best_model_at_end restored the checkpoint with this eval_loss
     logged = [entry for entry in state.log_history if "eval_loss" in entry]
+    if keep_best and state.best_global_step:
+        # load_best_model_at_end restored the checkpoint of that step (chosen by train.metric_for_best)
+        at_best = [entry for entry in logged if entry.get("step") == state.best_global_step]
+        if at_best:
+            return float(at_best[-1]["eval_loss"])
     if logged and logged[-1].get("step") == state.global_step:
         return float(logged[-1]["eval_loss"])
     return float(trainer.evaluate()["eval_loss"])

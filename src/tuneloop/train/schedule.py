@@ -4,7 +4,9 @@ resolved against the train split's size (known only once the data is prepared an
 Packing is on by default, so a small dataset gives few optimizer steps per epoch (2,000 short rows pack into ~500
 samples: ~125 steps of 4). `epochs: auto` therefore makes the fewest whole passes that reach `auto_min_steps`,
 capped at `auto_max_epochs` so a tiny dataset is not memorised; a large one gets one pass. Validation runs five times
-in a run (keep-best and early stopping choose among those), a checkpoint at each validation.
+in a run (keep-best and early stopping choose among those), a checkpoint at each validation; when
+`train.eval_generate.every` is a number, validation runs that often instead (task metrics are computed during
+validations).
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ def plan_schedule(settings: TrainConfig, train_samples: int, world_size: int = 1
 
 def _intervals(settings: TrainConfig, total: int) -> tuple[int, int]:
     automatic = max(1, min(total, max(SHORTEST_VALIDATION_INTERVAL, math.ceil(total / VALIDATIONS_PER_RUN))))
-    eval_every = settings.eval_every if isinstance(settings.eval_every, int) else None
+    eval_every = settings.validation_interval()
     save_every = settings.save_every if isinstance(settings.save_every, int) else None
     if eval_every is None:
-        eval_every = save_every if (save_every is not None and settings.keep_best) else automatic
+        generation = settings.eval_generate.every if settings.eval_generate else None
+        # Task metrics are computed during validations: validate whenever they are due.
+        eval_every = min(generation, total) if isinstance(generation, int) else automatic
     if save_every is None:
         save_every = eval_every  # keep-best needs a checkpoint at every validation it may pick
     return eval_every, save_every

@@ -19,7 +19,7 @@ from tuneloop.serve.gateway.feedback import FeedbackStore
 from tuneloop.serve.gateway.limits import RateLimiter
 from tuneloop.serve.gateway.metrics import GatewayMetrics
 from tuneloop.serve.gateway.protocol import error_body
-from tuneloop.serve.gateway.routers import completions, dashboard, feedback, files, health
+from tuneloop.serve.gateway.routers import completions, dashboard, feedback, files, health, rate
 from tuneloop.serve.gateway.routing import Router
 from tuneloop.serve.gateway.serving import CompletionServing
 from tuneloop.serve.gateway.state import GatewayState
@@ -39,10 +39,12 @@ def create_app(
     batch_store: BatchStore | None = None,
     workspace: Workspace | None = None,
     registry: Callable[[], Any] | None = None,
+    rubric: dict[str, str] | None = None,
 ) -> FastAPI:
     """The gateway over `engine`, bounded by `settings` (request size, max_tokens, rate limit); `api_keys` default to
     `settings.api_keys`, `context_limit` to `settings.max_model_len`. Without stores, feedback is kept in memory and
-    the Files/Batches API answers 404."""
+    the Files/Batches API answers 404. `rubric` (dimension -> what a 5 means) is what /dashboard/rate asks raters
+    to grade; default `eval.rubric`'s."""
     router = router or Router({})
     feedback_store = feedback_store or FeedbackStore(None)
     metrics = GatewayMetrics()
@@ -75,11 +77,12 @@ def create_app(
 
     app = FastAPI(title="tuneloop gateway", lifespan=lifespan)
     app.state.gateway = state
+    app.state.rubric = rubric
     install_error_handlers(app)
 
     keys = set(settings.api_keys if api_keys is None else api_keys)
     app.add_middleware(GuardMiddleware, api_keys=keys, limiter=limiter, max_request_bytes=settings.max_request_bytes)
-    for module in (completions, files, feedback, health, dashboard):
+    for module in (completions, files, feedback, health, dashboard, rate):
         app.include_router(module.router)
     return app
 

@@ -6,6 +6,10 @@ synonyms, any case) or an integer 1-5, where a numeric string such as "4" is the
 4 or 5 ("top-two-box": 3 is not positive); the preference rate is the share of positive ratings. Anything else (0,
 6, 1.5, "1.5", true, "maybe") is refused.
 
+Per variant the summary gives the preference rate with its 95% Wilson interval, and per route each variant against
+the route's control (its first variant in `serve.routes`): the difference in preference rate with Newcombe's 95%
+interval, Fisher's exact p-value, a `significant` flag (p < 0.05) and a verdict in words (tuneloop.stats).
+
 What a restart keeps: the ratings, rebuilt from the JSON Lines file when the store opens (malformed lines are
 skipped and counted in `skipped_lines`). What it loses: the served-response counts (`responses` in the summary
 counts responses served since this start) and the map from response id to variant, so a response served before the
@@ -20,11 +24,15 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
+
+from tuneloop.config import RouteConfig
+from tuneloop.stats import ratings_needed, two_proportions, wilson_interval
 
 log = logging.getLogger("tuneloop.gateway")
 
@@ -32,6 +40,7 @@ POSITIVE_THUMBS = ("up", "thumbs_up", "good", "positive")
 NEGATIVE_THUMBS = ("down", "thumbs_down", "bad", "negative")
 LOWEST_STARS, HIGHEST_STARS, FIRST_POSITIVE_STARS = 1, 5, 4
 ACCEPTED_RATINGS = "`up`/`down` (or thumbs_up, good, positive / thumbs_down, bad, negative) or an integer 1-5"
+DETECTABLE_DIFFERENCE = 0.10  # the verdict says how many ratings would show a difference this large (10 points)
 
 
 def parse_rating(value: object) -> str | int:
@@ -91,6 +100,7 @@ class FeedbackStore:
         self.lock = threading.Lock()
         self.served: dict[Key, int] = {}
         self.ratings: dict[Key, list[bool]] = {}
+        self.seen: dict[Key, None] = {}  # keys in the order first served or rated: a route's default control
         self.skipped_lines = 0
         # A crash mid-append can leave a last line without its newline: the next entry must not be glued onto it.
         self._needs_newline = False
@@ -113,6 +123,7 @@ class FeedbackStore:
                 self.skipped_lines += 1
                 continue
             self.ratings.setdefault((model, variant), []).append(positive)
+            self.seen.setdefault((model, variant))
         if self.skipped_lines:
             log.warning("skipped %d malformed lines of %s", self.skipped_lines, path)
 
@@ -122,6 +133,7 @@ class FeedbackStore:
             if len(self.responses) > self.remember:
                 self.responses.popitem(last=False)
             self.served[(model, variant)] = self.served.get((model, variant), 0) + 1
+            self.seen.setdefault((model, variant))
 
     def record(self, feedback: FeedbackRequest) -> dict[str, Any] | None:
         """The stored entry, or None when the response id is unknown (never served, forgotten, or before a restart)."""
@@ -147,20 +159,78 @@ class FeedbackStore:
                 self._needs_newline = False
         return entry
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self, controls: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Per model asked for and variant: responses, ratings, positive ratings, preference rate with its 95% Wilson
+        interval (`preference_ci95`) and `vs_control`: the comparison with the route's control variant (None for the
+        control itself and for requests that went to no route). `controls` maps a route to its control variant;
+        a route it does not name takes the variant first served or rated."""
         with self.lock:
-            keys = set(self.served) | set(self.ratings)
-            return [
-                {
-                    "model": model,
-                    "variant": variant,
-                    "responses": self.served.get((model, variant), 0),
-                    "ratings": len(self.ratings.get((model, variant), [])),
-                    "preference_rate": (
-                        sum(self.ratings[(model, variant)]) / len(self.ratings[(model, variant)])
-                        if self.ratings.get((model, variant))
-                        else None
-                    ),
-                }
-                for model, variant in sorted(keys, key=lambda key: (key[0], key[1] or ""))
-            ]
+            order = list(self.seen)
+            served = dict(self.served)
+            counts = {key: (sum(values), len(values)) for key, values in self.ratings.items()}
+        rows: dict[Key, dict[str, Any]] = {}
+        for key in order:
+            positive, rated = counts.get(key, (0, 0))
+            rate = positive / rated if rated else None
+            rows[key] = {
+                "model": key[0],
+                "variant": key[1],
+                "responses": served.get(key, 0),
+                "ratings": rated,
+                "positive": positive,
+                "preference_rate": rate,
+                "preference_ci95": list(wilson_interval(rate, rated)) if rate is not None else None,
+                "vs_control": None,
+            }
+        for (model, variant), row in rows.items():
+            if variant is None:
+                continue
+            default = next(key[1] for key in order if key[0] == model and key[1] is not None)
+            control = (controls or {}).get(model, default)
+            if variant != control:
+                control_row = rows.get((model, control)) or {"positive": 0, "ratings": 0, "preference_rate": None}
+                row["vs_control"] = compare_to_control(row, control_row, control)
+        return [rows[key] for key in sorted(rows, key=lambda key: (key[0], key[1] or ""))]
+
+
+def route_controls(routes: Mapping[str, RouteConfig]) -> dict[str, str]:
+    """Each A/B route's control: its first variant in `serve.routes`."""
+    return {route: next(iter(settings.variants)) for route, settings in routes.items()}
+
+
+def compare_to_control(row: dict[str, Any], control_row: dict[str, Any], control: str) -> dict[str, Any]:
+    """The variant's preference rate minus the control's (Fisher exact, Newcombe interval) and a verdict."""
+    test = two_proportions(row["positive"], row["ratings"], control_row["positive"], control_row["ratings"])
+    needed = ratings_needed(control_row["preference_rate"], DETECTABLE_DIFFERENCE)
+    comparison = {
+        "control": control,
+        "difference": test["difference"],
+        "ci95": test["ci95"],
+        "p_value": test["p_value"],
+        "significant": test["significant"],
+        "test": test["test"],
+        "ratings_needed_per_variant": needed,
+    }
+    return {
+        **comparison,
+        "verdict": verdict(row["variant"], control, comparison, row["ratings"], control_row["ratings"]),
+    }
+
+
+def verdict(variant: str, control: str, comparison: dict[str, Any], ratings: int, control_ratings: int) -> str:
+    """In words: which variant is better and how sure, or how many more ratings a 10-point difference needs."""
+    if not ratings or not control_ratings:
+        return f"no ratings yet for {variant if not ratings else control}"
+    p = format_p(comparison["p_value"])
+    if comparison["significant"]:
+        better = variant if comparison["difference"] > 0 else control
+        return f"{better} better ({p})"
+    more = comparison["ratings_needed_per_variant"] - min(ratings, control_ratings)
+    points = round(DETECTABLE_DIFFERENCE * 100)
+    if more > 0:
+        return f"no significant difference yet ({p}); ~{more} more ratings per variant needed for a {points}-point difference"
+    return f"no significant difference ({p}); enough ratings to see a {points}-point difference, so any real one is smaller"
+
+
+def format_p(p_value: float) -> str:
+    return "p<0.001" if p_value < 0.001 else f"p={p_value:.3f}"

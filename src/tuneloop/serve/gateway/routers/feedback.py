@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from tuneloop.serve.gateway.errors import GatewayError
-from tuneloop.serve.gateway.feedback import FeedbackRequest
+from tuneloop.serve.gateway.feedback import FeedbackRequest, route_controls
 from tuneloop.serve.gateway.state import GatewayState, gateway
 
 router = APIRouter()
@@ -26,4 +26,5 @@ async def post_feedback(body: FeedbackRequest, state: State) -> dict[str, Any]:
 
 @router.get("/v1/feedback/summary")
 async def feedback_summary(state: State) -> dict[str, Any]:
-    return {"object": "list", "data": state.feedback.summary()}
+    # Each variant is compared with its route's control, the first variant in `serve.routes`, as on /dashboard.
+    return {"object": "list", "data": state.feedback.summary(route_controls(state.router.routes))}
