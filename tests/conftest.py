@@ -102,6 +102,7 @@ def train_config(tmp_path: Path, tiny_model_dir: Path, workspace: Path):
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
                 **train,
             },
+            "eval": {"engine": "inprocess"},  # a test that checks an engine asks for it
         }
         path = tmp_path / "train.yaml"
         path.write_text(yaml.safe_dump(config))

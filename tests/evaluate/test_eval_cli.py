@@ -104,6 +104,15 @@ def test_gates_and_strict_exit_codes(trained) -> None:
     assert code == 0 and gate["p_value"] == test["p_value"]
     # The gate passes exactly when the gain is positive and significant: 6 rows cannot make it significant.
     assert summary["gates"]["exact_match_gain_significant"] == ("pass" if test["significant"] else "fail") == "fail"
+    # A gate this evaluation cannot check is an error, after the evaluation is kept.
+    code, summary = run_eval(
+        config, *significant, "--compare", "none", "--set", "eval.gates={exact_match_improvement: 0.1}"
+    )
+    assert (
+        code == 2 and "needs a comparison model" in summary["error"] and "evaluation itself is kept" in summary["error"]
+    )
+    kept = Path(summary["error"].split("kept: ")[1].split(";")[0])
+    assert (kept / "metrics.json").exists() and (kept / "outputs.jsonl").exists()
 
 
 def test_eval_on_a_file_with_limit_and_pairwise_sheet(trained, tmp_path: Path) -> None:

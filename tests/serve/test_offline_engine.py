@@ -157,3 +157,30 @@ def test_tuneloop_eval_generates_through_the_engine_and_reports_parity(smollm2_f
         assert summary["metrics"][label]["p95_output_tokens"] <= 18
     outputs = [json.loads(line) for line in (Path(summary["dir"]) / "outputs.jsonl").read_text().splitlines()]
     assert len(outputs) == len(QUESTIONS) and all("\n" not in row["outputs"]["base"] for row in outputs)
+
+
+def test_auto_falls_back_to_in_process_when_the_engine_cannot_serve_the_model(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The tiny test model's tokenizer is one llama.cpp's GGUF converter does not know: `auto` generates in-process
+    (and says why), while naming the engine is an error."""
+    import io
+
+    from rich.console import Console
+
+    from tuneloop.serve.offline import local_eval_engine
+
+    if not LLAMA_SERVER.exists():
+        pytest.fail("llama-server is missing: run `make llamacpp` (it builds .llamacpp/bin/llama-server)")
+    adapter = save_random_lora(tiny_model_dir, tmp_path / "adapter", r=4, alpha=8, seed=0)
+    workspace = Workspace(tmp_path / "ws")
+    serve = {"llamacpp_server": str(LLAMA_SERVER)}
+    auto = _config(tiny_model_dir, serve=serve)
+    specs = [resolve_model_ref(str(adapter), auto, workspace, label="tuned")]
+    printed = io.StringIO()
+    with local_eval_engine(auto, workspace, Console(file=printed, width=200))(specs) as endpoints:
+        assert endpoints == {}
+    assert "generating in-process" in printed.getvalue()
+    named = _config(tiny_model_dir, serve=serve, eval={"engine": "llamacpp"})
+    with pytest.raises(TuneloopError), local_eval_engine(named, workspace)(specs):
+        pass

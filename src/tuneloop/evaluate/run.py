@@ -28,7 +28,7 @@ from tuneloop.chat_client import ChatAnswer, ChatEndpoint, Messages
 from tuneloop.config import EvalMetric, LoopConfig
 from tuneloop.config_file import validate_config
 from tuneloop.data.prepare import prepare_dataset
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import ConfigError, TuneloopError
 from tuneloop.evaluate import safety
 from tuneloop.evaluate.budget import GenerationBudget, generation_budget, reference_token_lengths
 from tuneloop.evaluate.gates import check_gates
@@ -124,7 +124,11 @@ def run_evaluation(
         judge_summary = _judge(judge, out, rows, outcomes, config, console, prices or {})
     baseline = outcomes[1].metrics if len(outcomes) > 1 else None
     significance = _significance(outcomes, rows, groups, config)
-    gates = check_gates(settings.gates, outcomes[0].metrics, baseline, significance)
+    gate_error: ConfigError | None = None
+    try:
+        gates = check_gates(settings.gates, outcomes[0].metrics, baseline, significance)
+    except ConfigError as error:  # a gate this evaluation cannot check: keep the report, then say so
+        gates, gate_error = {}, error
     report = EvalReport(
         models={outcome.spec.label: outcome.spec.ref for outcome in outcomes},
         metrics={outcome.spec.label: outcome.metrics for outcome in outcomes},
@@ -157,6 +161,11 @@ def run_evaluation(
 
     write_eval_report(out, report, outcomes, rows, settings.samples_in_report)
     report.save(out.metrics)
+    if gate_error is not None:
+        raise ConfigError(
+            f"{gate_error.message} (the evaluation itself is kept: {out.root}; no gate was checked)",
+            hint=gate_error.hint,
+        )
     _log_to_mlflow(config, workspace, primary, report, out)
     return report
 

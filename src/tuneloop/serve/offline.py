@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -76,9 +76,27 @@ def local_eval_engine(
         engine = available_eval_engine(config, specs)
         if console is not None:
             console.print(f"generation: {engine or 'in-process'} (eval.engine: {config.eval.engine})")
-        return engine_endpoints(specs, config, workspace, engine) if engine else nullcontext({})
+        return _engine_or_in_process(specs, config, workspace, engine, console) if engine else nullcontext({})
 
     return serve
+
+
+@contextmanager
+def _engine_or_in_process(
+    specs: list[ModelSpec], config: LoopConfig, workspace: Workspace, engine: str, console: Console | None
+) -> Iterator[dict[str, ChatEndpoint]]:
+    """The engine's endpoints; under `eval.engine: auto`, in-process (no endpoints) when the engine cannot serve these
+    models (a tokenizer llama.cpp's converter does not know, say): `auto` must never make an evaluation fail."""
+    with ExitStack() as stack:
+        try:
+            endpoints = stack.enter_context(engine_endpoints(specs, config, workspace, engine))
+        except TuneloopError as error:
+            if config.eval.engine != "auto":
+                raise
+            if console is not None:
+                console.print(f"[yellow]{engine} cannot serve these models ({error.message}): generating in-process")
+            endpoints = {}
+        yield endpoints
 
 
 @contextmanager
