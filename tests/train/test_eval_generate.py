@@ -110,6 +110,9 @@ def test_metric_for_best_drives_early_stopping_and_keeps_the_best_checkpoint(tra
         torch.testing.assert_close(saved[name], kept[name])
     # the summary's validation loss is the kept checkpoint's, not the best loss
     assert result.eval_loss == pytest.approx(logged(history, "eval_loss")[best_step])
+    # ...and the summary names the kept checkpoint and its metric
+    assert (result.metric_for_best, result.best_step) == ("eval_rouge_l", best_step)
+    assert result.best_metric == pytest.approx(rouge[best_step])
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,9 @@ class TrainResult(JsonArtifact):
     model_memory_mb: float
     world_size: int = Field(1, description="Training processes, over all nodes.")
     nodes: int = Field(1, description="Machines the run used (each billed for the whole run in `tuneloop cost`).")
+    metric_for_best: str | None = Field(None, description="What keep-best compared (`train.metric_for_best`).")
+    best_metric: float | None = Field(None, description="Its value at the kept checkpoint (keep-best on).")
+    best_step: int | None = Field(None, description="The step whose checkpoint was kept (keep-best on).")
 
     @property
     def output(self) -> Path:

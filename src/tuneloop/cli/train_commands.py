@@ -141,6 +141,12 @@ def _print_train_summary(summary: dict[str, Any]) -> None:
         ),
         ("train loss (last)", fmt(summary["train_loss"])),
         ("eval loss", fmt(summary["eval_loss"])),
+        (
+            "kept checkpoint",
+            f"step {summary['best_step']} ({summary['metric_for_best']} {fmt(summary['best_metric'])})"
+            if summary.get("best_step")
+            else "the last",
+        ),
         ("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB (estimated {summary['memory_estimate_mb']:,} MiB)"),
         ("base weights in memory", f"{summary['model_memory_mb']:,.0f} MiB"),
         ("wall time", f"{summary['wall_seconds']:,.1f} s"),

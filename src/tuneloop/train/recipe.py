@@ -501,6 +501,9 @@ def _finalize(
         model_memory_mb=model_memory_mb,
         world_size=world_size(),
         nodes=world_size() // local_world_size(),
+        metric_for_best=config.train.metric_for_best if config.train.keep_best else None,
+        best_metric=trainer.state.best_metric if config.train.keep_best else None,
+        best_step=trainer.state.best_global_step if config.train.keep_best else None,
     )
     if not is_main_process():
         return result
