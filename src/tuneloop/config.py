@@ -569,8 +569,8 @@ class EvalConfig(_Section):
     parity_rows: int = Field(
         8,
         ge=0,
-        description="With an engine generating, also answer this many rows in-process and report how many greedy "
-        "answers are identical (`details.<label>.parity` in metrics.json); 0 skips the check.",
+        description="With an engine generating, also answer this many rows (spread over the set) in-process and "
+        "report how many greedy answers are identical (`details.<label>.parity` in metrics.json); 0 skips the check.",
     )
     batch_size: int = Field(8, ge=1, description="Rows per generation / perplexity batch.")
     limit: int | None = Field(None, ge=1, description="Evaluate at most this many rows (also `--limit`).")
