@@ -9,8 +9,8 @@ the first `--train-rows` SST-2 train sentences (`--steps` steps, defaults otherw
 a label and stops; `--adapter random` saves a PEFT LoRA with random non-zero A and B on q/k/v/o instead (it changes
 every answer; nothing about its length). Evaluation rows: the first `--rows` rows of that dataset's validation split.
 Every generator runs at `eval.precision` as tuneloop resolves it (`--precision` overrides): in-process weights in that
-dtype, llama.cpp an f32/bf16 GGUF of the same weights, vLLM the same `--dtype`. In-process `generate` has no stop
-strings: with the auto budget it stops at the budget or EOS and its answers are cut at the stop afterwards.
+dtype, llama.cpp an f32/bf16 GGUF of the same weights, vLLM the same `--dtype`. Every generator stops at the auto
+budget's stop strings (in-process through Transformers' `stop_strings`), as `tuneloop eval` does.
 Engine start-up (GGUF conversion, server start) is timed apart from generation. rows/s counts generation only.
 
     .venv/bin/python benchmarks/eval_generate.py [--rows 48] [--max-new-tokens 128] [--engines inprocess,llamacpp,vllm]
@@ -180,7 +180,6 @@ def validation_rows(config: Any, workspace: Any, limit: int) -> tuple[Prompts, l
 def run_in_process(
     specs: list[Any], prompts: Prompts, budgets: dict[str, Any], dtype: Any, batch_size: int, console: Any
 ) -> list[dict[str, Any]]:
-    from tuneloop.evaluate.budget import truncate_at_stop
     from tuneloop.evaluate.generate import generate, load_for_eval
 
     results = []
@@ -189,9 +188,9 @@ def run_in_process(
         for budget, (tokens, stop) in budgets.items():
             with progress_bar(console, f"in-process {spec.label} {budget}", len(prompts)) as advance:
                 began = time.perf_counter()
-                generations = generate(model, tokenizer, prompts, tokens, batch_size, progress=advance)
+                generations = generate(model, tokenizer, prompts, tokens, batch_size, progress=advance, stop=stop)
                 seconds = time.perf_counter() - began
-            answers = [truncate_at_stop(g.text, stop) for g in generations]
+            answers = [g.text for g in generations]
             new_tokens = sum(g.new_tokens for g in generations) / len(generations)
             results.append(result("inprocess", spec.label, budget, seconds, len(prompts), new_tokens, answers))
         del model
