@@ -99,8 +99,9 @@ def run_evaluation(
     groups = set(settings.metrics)
     need_outputs = bool(groups & GENERATION_GROUPS) or judge is not None or pairwise
     prices = _price_table(config) if judge or any(isinstance(s, ApiModel) for s in subjects) else None
-    budget = _budget(config, subjects, rows)
-    console.print(f"generation budget: {budget.reason}")
+    budget = _budget(config, subjects, rows, need_outputs)
+    if need_outputs:
+        console.print(f"generation budget: {budget.reason}")
     local = [subject for subject in subjects if isinstance(subject, ModelSpec)]
     serving = local_engine(local) if local_engine is not None and local and need_outputs else nullcontext({})
     with serving as served:
@@ -420,11 +421,15 @@ def _evaluate_over_api(
     return outcome
 
 
-def _budget(config: LoopConfig, subjects: list[Subject], rows: EvalRows) -> GenerationBudget:
+def _budget(config: LoopConfig, subjects: list[Subject], rows: EvalRows, need_outputs: bool) -> GenerationBudget:
     """One budget for every model (their answers compare), sized in the first local model's tokens; with API models
-    only, in ~4 characters per token."""
+    only, in ~4 characters per token. The references are tokenized only when the auto budget will be used."""
+    if not need_outputs:
+        return GenerationBudget(config.eval.max_new_tokens, [], "nothing is generated")
     local = next((subject for subject in subjects if isinstance(subject, ModelSpec)), None)
-    if local is not None:
+    if config.eval.answer_budget == "fixed":
+        lengths: list[int] = []  # the fixed budget does not read them
+    elif local is not None:
         from tuneloop.models import load_saved_tokenizer
 
         tokenizer = load_saved_tokenizer(local.tokenizer_folder, local.trust_remote_code)
