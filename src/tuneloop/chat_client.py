@@ -40,6 +40,7 @@ class ChatAnswer:
     hit_max_tokens: bool  # finish_reason == "length"
     prompt_tokens: int
     seconds: float
+    error: str | None = None  # set, with no text, when the request failed and failures were kept (keep_failures)
 
 
 def chat_generate(
@@ -52,8 +53,10 @@ def chat_generate(
     timeout: float = 600.0,
     max_retries: int = 3,
     progress: Callable[[int], None] | None = None,
+    keep_failures: bool = False,
 ) -> list[ChatAnswer]:
-    """Greedy answers to `prompts` (message lists), in order; `progress(1)` after each one."""
+    """Greedy answers to `prompts` (message lists), in order; `progress(1)` after each one. A request that still
+    fails after the client's retries raises, or with `keep_failures` becomes an answer carrying its `error`."""
     from openai import OpenAI, OpenAIError
 
     client = OpenAI(
@@ -72,10 +75,12 @@ def chat_generate(
                 extra_body=endpoint.extra_body,
             )
         except OpenAIError as error:
-            raise TuneloopError(
-                f"{endpoint.describe()} failed on prompt {index}: {error}",
-                hint="check the URL, the model name and the API key variable",
-            ) from error
+            message = f"{endpoint.describe()} failed on prompt {index}: {error}"
+            if keep_failures:
+                if progress is not None:
+                    progress(1)
+                return ChatAnswer("", 0, False, 0, time.perf_counter() - started, error=message)
+            raise TuneloopError(message, hint="check the URL, the model name and the API key variable") from error
         choice = response.choices[0]
         usage = response.usage
         answer = ChatAnswer(

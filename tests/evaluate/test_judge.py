@@ -166,3 +166,19 @@ def test_prompts_show_the_reference_when_there_is_one_and_swap_answers() -> None
     grade = grade_messages(JudgedRow("r1", "Hi", None), "Hello!", "instruction_following", "follows every instruction")
     assert "Reference" not in grade[-1]["content"] and "instruction following" in grade[0]["content"]
     assert "Rating: [[N]]" in grade[0]["content"]
+
+
+def test_a_failed_judge_request_is_kept_as_an_answer_with_its_error() -> None:
+    """What the judge relies on: with keep_failures a request that fails (nothing listens on the port) comes back as an
+    answer carrying its error, in order, instead of stopping the evaluation; without it, it raises."""
+    from tuneloop.chat_client import ChatEndpoint, chat_generate
+    from tuneloop.errors import TuneloopError
+    from tuneloop.net import free_port
+
+    closed = ChatEndpoint(f"http://127.0.0.1:{free_port()}/v1", "judge")
+    prompts = [[{"role": "user", "content": "hello"}]] * 2
+    answers = chat_generate(closed, prompts, 4, max_retries=0, keep_failures=True)
+    assert [a.text for a in answers] == ["", ""] and all("failed on prompt" in (a.error or "") for a in answers)
+    assert "prompt 1" in (answers[1].error or "")
+    with pytest.raises(TuneloopError, match="failed on prompt"):
+        chat_generate(closed, prompts, 4, max_retries=0)

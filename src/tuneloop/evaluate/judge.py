@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rich.console import Console
 
 from tuneloop.chat_client import ChatAnswer, ChatEndpoint, Messages, chat_generate
-from tuneloop.errors import TuneloopError
 from tuneloop.stats import wilson_interval
 
 Verdict = Literal["A", "B", "C"]
@@ -162,7 +160,7 @@ def run_judge(
     records = []
     for (record, messages), answer in zip(calls, answers, strict=True):
         record["prompt"] = messages[-1]["content"]  # what the judge read (the instructions are fixed per kind)
-        reply = answer.text if isinstance(answer, ChatAnswer) else ""
+        reply = answer.text
         if record["kind"] == "pairwise":
             verdict = parse_pair_verdict(reply)
             preferred = None if verdict is None else {"A": record["a"], "B": record["b"], "C": "tie"}[verdict]
@@ -170,10 +168,10 @@ def run_judge(
         else:
             record["rating"] = parse_rating(reply)
         record["reply"] = reply
-        if isinstance(answer, ChatAnswer):
+        if answer.error is None:
             record |= {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens}
         else:
-            record["error"] = answer
+            record["error"] = answer.error
         records.append(record)
     metrics = judge_metrics(records, primary, list(compared), list(rubric))
     summary = judge_summary(records, primary, list(compared), list(rubric), judge)
@@ -182,24 +180,20 @@ def run_judge(
 
 def _ask_all(
     judge: ChatEndpoint, prompts: list[Messages], max_new_tokens: int, concurrency: int, console: Console | None
-) -> list[ChatAnswer | str]:
-    """Every prompt's answer, or the error text of a request that failed (counted as unparsed, not raised)."""
+) -> list[ChatAnswer]:
+    """Every prompt's answer; a request that failed is kept as an answer with its `error` (counted as unparsed)."""
     from rich.progress import Progress
 
     with Progress(console=console or Console(stderr=True)) as progress:
         task = progress.add_task(f"judge ({judge.model})", total=len(prompts))
-        advance: Callable[[], None] = lambda: progress.advance(task, 1)  # noqa: E731
-
-        def one(messages: Messages) -> ChatAnswer | str:
-            try:
-                return chat_generate(judge, [messages], max_new_tokens, concurrency=1)[0]
-            except TuneloopError as error:
-                return error.message
-            finally:
-                advance()
-
-        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(prompts) or 1))) as pool:
-            return list(pool.map(one, prompts))
+        return chat_generate(
+            judge,
+            prompts,
+            max_new_tokens,
+            concurrency=concurrency,
+            progress=lambda done: progress.advance(task, done),
+            keep_failures=True,
+        )
 
 
 def pair_outcomes(records: list[dict[str, Any]], primary: str, other: str) -> dict[str, Outcome]:
