@@ -22,8 +22,9 @@ LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-# Debian packages the monitoring tests drive for real: a headless browser for /dashboard, Prometheus for /metrics.
-SYSTEM_TOOLS := chromium prometheus
+# Debian packages the tests drive for real: a headless browser for /dashboard, Prometheus for /metrics, Redis for
+# the state gateway replicas share (serve.state_url). Each tool's command is also its package's name.
+SYSTEM_TOOLS := chromium prometheus redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # SkyPilot in its own virtualenv: it pins click/uvicorn versions that conflict with the project's; the cluster tests

@@ -412,8 +412,20 @@ class TrainConfig(_Section):
         description="Trackers. MLflow is tuneloop's own; TensorBoard and W&B (offline unless WANDB_MODE says otherwise) "
         "go through Transformers' integrations and need their packages installed.",
     )
+    system_metrics: bool = Field(
+        True,
+        description="Log the machine's metrics into the MLflow run every 10 s (MLflow's system metrics: "
+        "`system/cpu_utilization_percentage`, memory, disk, network, and per GPU utilisation, memory and power "
+        "through NVML when `nvidia-ml-py` finds one), from the main process; "
+        "$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL changes the interval.",
+    )
     preflight: Literal["stop", "warn", "off"] = Field(
         "stop", description="Memory preflight: stop (or warn) before loading when the estimate will not fit."
+    )
+    sentry_dsn: str | None = Field(
+        None,
+        description="Sentry DSN: a failed `tuneloop train` is reported with its run id, model and step (also "
+        "$SENTRY_DSN); no data rows are sent.",
     )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
@@ -653,6 +665,22 @@ class RouteConfig(_Section):
 
 
 EngineName = Literal["auto", "vllm", "llamacpp", "transformers", "remote"]
+KvCacheDtype = Literal["auto", "f16", "bf16", "q8_0", "q4_0", "fp8", "fp8_e4m3", "fp8_e5m2"]
+
+
+class SpeculativeConfig(_Section):
+    """Speculative decoding: a cheap proposer drafts tokens the served model verifies in one pass (same output)."""
+
+    method: Literal["ngram", "draft"] = Field(
+        "ngram",
+        description="`ngram`: drafts copied from the prompt and answer so far (no second model; llama.cpp "
+        "`--spec-type ngram-simple`, vLLM `ngram`). `draft`: a small model of the same vocabulary (`draft_model`).",
+    )
+    num_tokens: int = Field(4, ge=1, le=64, description="Tokens drafted per step.")
+    draft_model: str | None = Field(
+        None, description="`method: draft`: the draft model (a GGUF file for llama.cpp, a model folder for vLLM)."
+    )
+    ngram_size: int = Field(3, ge=1, le=64, description="`method: ngram`: length of the n-gram looked up.")
 
 
 class ServeConfig(_Section):
@@ -708,8 +736,11 @@ class ServeConfig(_Section):
         description="`engine: llamacpp`: the llama-server binary (default $TUNELOOP_LLAMA_SERVER, then "
         ".llamacpp/bin/llama-server from `make llamacpp`, then llama-server on PATH).",
     )
-    llamacpp_quant: Literal["f16", "bf16", "f32", "q8_0"] = Field(
-        "q8_0", description="`engine: llamacpp`: GGUF type the base model is converted to (q8_0: fastest on CPU)."
+    llamacpp_quant: Literal["auto", "f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m"] = Field(
+        "auto",
+        description="`engine: llamacpp`: GGUF type of the base model. `auto`: q8_0 (fastest on CPUs measured "
+        "here) unless `precision` names a dtype, then that one (fp32 -> f32). k-quants (q6_k, q5_k_m, q4_k_m) are "
+        "made from the f16 GGUF by `llama-quantize` (built by `make llamacpp`).",
     )
     llamacpp_parallel: int = Field(
         16, ge=1, description="`engine: llamacpp`: server slots, i.e. requests decoded together in one batch."
@@ -723,10 +754,81 @@ class ServeConfig(_Section):
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict, description="A/B splits by the model name clients use (see RouteConfig)."
     )
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
-        description="Weights dtype of the in-process and vLLM engines (`fp32` for parity checks; vLLM's `auto` "
-        "runs fp32 checkpoints in bf16 on CPU).",
+        description="Compute dtype of every engine, resolved by one function (`tuneloop.device.resolve_precision`): "
+        "`auto` is bf16 on a GPU with bf16 and on CPUs with AMX/AVX512-BF16, fp32 on other CPUs (bf16 is only "
+        "emulated there: vLLM ran 4.7x slower). vLLM gets it as `--dtype`, the in-process engine as its torch dtype, "
+        "llama.cpp's GGUF follows it when `llamacpp_quant: auto` is overridden by an explicit precision.",
+    )
+    # -- optimisations (each measured on vs off in benchmarks/serve.py, docs/benchmarks.md) ----------------------------
+    prefix_caching: bool = Field(
+        True,
+        description="Reuse the KV cache of a prompt prefix already seen (a shared system prompt is computed once): "
+        "vLLM `--enable-prefix-caching` (false: `--no-enable-prefix-caching`), llama-server's per-slot prompt cache "
+        "(false: `--no-cache-prompt`). The in-process engine has none.",
+    )
+    kv_cache_dtype: KvCacheDtype = Field(
+        "auto",
+        description="KV-cache type: llama.cpp `--cache-type-k/-v` (f16, bf16, q8_0, q4_0; a quantised V cache turns "
+        "flash attention on); vLLM `--kv-cache-dtype` (fp8, fp8_e4m3, fp8_e5m2: GPUs, and CPUs with AVX-512 or AMX; "
+        "f16/bf16 on GPUs). `auto`: the engine's default. A type the engine lacks stops `tuneloop serve`.",
+    )
+    speculative: SpeculativeConfig | None = Field(
+        None,
+        description="Speculative decoding (see SpeculativeConfig): llama.cpp `--spec-type`, vLLM `--speculative-config` "
+        "(both run it on CPU too). None: off.",
+    )
+    max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description="`engine: vllm`: most sequences decoded together (`--max-num-seqs`, continuous batching's limit); "
+        "None: vLLM's default. llama.cpp's limit is `llamacpp_parallel` (slots).",
+    )
+    passthrough: bool = Field(
+        True,
+        description="Stream the engine's own SSE bytes to the client when no gateway feature needs the parsed "
+        "chunks (HTTP engines, n=1): tokens are counted from the engine's final usage chunk. False: every chunk is "
+        "parsed and re-serialised (for comparison; docs/serving.md).",
+    )
+    # -- observability -----------------------------------------------------------------------------------------------
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP endpoint that receives a trace per request (gateway, routing, engine spans), e.g. "
+        "`http://127.0.0.1:4318` (an OpenTelemetry Collector, Jaeger, Tempo) or Langfuse's "
+        "`https://cloud.langfuse.com/api/public/otel` (docs/monitoring.md); `/v1/traces` is appended unless present. "
+        "None: no tracing.",
+    )
+    otlp_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Headers sent with every OTLP export (Langfuse: `Authorization: Basic base64(pk:sk)`); also "
+        "$OTEL_EXPORTER_OTLP_HEADERS.",
+    )
+    trace_content: bool = Field(
+        False,
+        description="Put prompts and answers on the engine spans (`gen_ai.input.messages` / `gen_ai.output.messages`, "
+        "which Langfuse shows as input and output); off: models, tokens, timings and status only.",
+    )
+    sentry_dsn: str | None = Field(
+        None,
+        description="Sentry DSN: unhandled gateway and engine errors are reported with the request's route, model "
+        "and status (also $SENTRY_DSN). Never API keys or cookies; prompts only with `sentry_send_content`.",
+    )
+    sentry_send_content: bool = Field(
+        False,
+        description="Attach request bodies (prompts) and the stack frames' local variables (which may hold prompts "
+        "and answers) to Sentry events; off by default.",
+    )
+    engine_metrics: bool = Field(
+        True,
+        description="Serve the engine's own Prometheus metrics on the gateway's /metrics (vLLM `vllm:*`, "
+        "llama-server `llamacpp:*` with `--metrics`): KV-cache use, running and waiting requests, slots.",
+    )
+    # -- replicas ------------------------------------------------------------------------------------------------------
+    state_url: str | None = Field(
+        None,
+        description="Where rate-limit counters, batch jobs/files and feedback live: None keeps them in this "
+        "process and the workspace (one gateway); `redis://HOST:6379/0` shares them between gateway replicas.",
     )
 
 

@@ -94,3 +94,39 @@ class Tracker:
 
     def run_artifact_uri(self, run_id: str) -> str:
         return str(self.client.get_run(run_id).info.artifact_uri).rstrip("/")
+
+    def start_system_metrics(self, run_id: str, *, resume: bool = False) -> SystemMetrics:
+        """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network; per GPU
+        utilisation, memory and power through NVML where `nvidia-ml-py` finds a GPU) logged into `run_id` by a
+        background thread every SYSTEM_METRICS_INTERVAL_S ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it)
+        until `stop()`. What `mlflow.start_run(log_system_metrics=True)` does, for this explicit client's store."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "started", "no GPU": not news
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+            resume_logging=resume,  # a resumed run continues its system/* steps
+            tracking_uri=self.client.tracking_uri,
+        )
+        monitor.start()
+        return SystemMetrics(monitor)
+
+
+#: seconds between system-metric samples of a training run (MLflow's default too)
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+@dataclass
+class SystemMetrics:
+    """A running MLflow SystemMetricsMonitor."""
+
+    monitor: Any
+
+    def stop(self) -> None:
+        """Stop the thread, then log one last sample: MLflow's thread drops the interval in progress, so a run
+        shorter than one interval would otherwise have no system metrics at all."""
+        self.monitor.finish()
+        self.monitor.collect_metrics()
+        self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+        self.monitor.mlflow_logger.flush()

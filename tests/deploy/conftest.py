@@ -91,6 +91,7 @@ def serve_flags(version: Version, out: Path, manifest: DeployManifest) -> list[s
     """The vLLM flags `tuneloop serve`'s engine builds for a deploy folder's bundled files, with the folders as the
     deployment's containers see them (manifest.model_root): what every GPU target's engine must run."""
     from tuneloop.config_file import load_config
+    from tuneloop.serve.engines.precision import vllm_dtype
     from tuneloop.serve.engines.vllm import VllmEngine
 
     config = load_config(version.config, None)
@@ -106,7 +107,11 @@ def serve_flags(version: Version, out: Path, manifest: DeployManifest) -> list[s
         zero_lora_dir=None,
     )
     local = engine.command(8000)
-    return [part.replace(str(model), manifest.model_root) for part in local[3 : local.index("--host")]]
+    flags = [part.replace(str(model), manifest.model_root) for part in local[3 : local.index("--host")]]
+    # The one intended difference: `tuneloop serve` resolves `precision: auto` for this machine's CPU, a deploy
+    # leaves it to the image's GPU (serve/engines/precision.py).
+    flags[flags.index("--dtype") + 1] = vllm_dtype(config.serve, for_this_machine=False)
+    return flags
 
 
 def deploy_fails(version: Version, tmp_path: Path, *arguments: str) -> str:

@@ -130,6 +130,7 @@ def served_vllm_command(config_path: Path, out: Path, manifest: DeployManifest, 
         manifest.model.lora_rank,
         config.serve.max_model_len,
         None if template is None else f"{root}/{template.relative_to(local).as_posix()}",
+        for_this_machine=False,
     )
     return ["python3", "-m", VLLM_SERVER_MODULE, *arguments, "--host", "0.0.0.0", "--port", "8000"]
 

@@ -73,6 +73,23 @@ def test_vllm_engine_serves_base_and_adapter(smollm2_folder: Path, tmp_path: Pat
         )
         chunks = list(streamed)
         assert chunks[-1].usage.completion_tokens > 0
+        # The base streams through vLLM's all-zero LoRA (see zero_lora): the pass-through stream still names the
+        # base, and says what the non-streamed answer said.
+        base_stream = list(
+            client.chat.completions.create(
+                model=str(smollm2_folder), messages=QUESTION, max_tokens=12, temperature=0, stream=True
+            )
+        )
+        assert {chunk.model for chunk in base_stream} == {str(smollm2_folder)}
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in base_stream if chunk.choices)
+        assert text == answer.choices[0].message.content
+        # serve.engine_metrics (default): vLLM's own series on the gateway's /metrics, counting these requests.
+        exposition = httpx.get(f"{url}/metrics", timeout=30).text
+        names = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries_total")
+        for name in names:
+            assert f"\nvllm:{name}{{" in exposition, name
+        prompt_tokens = [line for line in exposition.splitlines() if line.startswith("vllm:prompt_tokens_total{")]
+        assert prompt_tokens and float(prompt_tokens[0].rsplit(" ", 1)[1]) > 0
         assert httpx.get(f"{url}/health", timeout=5).json()["engine"] == "vllm"
     finally:
         process.send_signal(signal.SIGTERM)

@@ -12,6 +12,7 @@ from tests.train.hooks import CrashAtStep
 from tuneloop.cli import app
 from tuneloop.config_file import load_config
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.monitor.gpu import gpu_collector
 from tuneloop.train.recipe import train_model
 from tuneloop.workspace import Workspace
 
@@ -88,6 +89,13 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(train_config, workspac
     for metric in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb", "eval_loss"):
         assert metric in run.data.metrics, metric
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 5
+    # train.system_metrics (on by default): MLflow's system metrics, CPU and memory on any machine, GPUs via NVML
+    for metric in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert metric in run.data.metrics, metric
+    assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+    gpu_series = [name for name in run.data.metrics if name.startswith("system/gpu_")]
+    assert bool(gpu_series) == (gpu_collector() is not None), gpu_series
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "summary.json", "config.json", "report.html"} <= artifacts
     assert "adapter/adapter_model.safetensors" in {
@@ -95,6 +103,15 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(train_config, workspac
     }
     with sqlite3.connect(workspace / "mlflow.db") as db:  # a real SQLite store in the workspace
         assert db.execute("select count(*) from runs").fetchone()[0] == 1
+
+
+def test_system_metrics_off_logs_none(train_config, workspace: Path) -> None:
+    from mlflow import MlflowClient
+
+    summary = train_cli(train_config(max_steps=2, system_metrics=False))
+    run = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
+    assert "loss" in run.data.metrics
+    assert not [name for name in run.data.metrics if name.startswith("system/")]
 
 
 def training_losses(summary: dict) -> list[float]:

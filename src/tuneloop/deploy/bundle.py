@@ -73,10 +73,11 @@ def _registered(reference: str, config: LoopConfig, workspace: Workspace) -> tup
 
 def _bundle_gguf(spec: ModelSpec, adapter_dir: str, config: LoopConfig, workspace: Workspace, target: Path) -> None:
     from tuneloop.serve.engines.llamacpp import gguf_for_adapter, gguf_for_base
+    from tuneloop.serve.engines.precision import gguf_type
 
     assert spec.adapter is not None
     target.mkdir(parents=True, exist_ok=True)
-    _link(gguf_for_base(spec.base_folder, workspace, config.serve.llamacpp_quant), target / BASE_GGUF)
+    _link(gguf_for_base(spec.base_folder, workspace, gguf_type(config.serve)), target / BASE_GGUF)
     _link(gguf_for_adapter(spec.base_folder, spec.adapter, workspace), target / f"{adapter_dir}.gguf")
 
 

@@ -90,6 +90,7 @@ class DeployContext:
             self.model.lora_rank,
             self.max_model_len,
             self.chat_template(root),
+            for_this_machine=False,  # the image's GPU decides `auto`, not this machine's CPU
         )
         if self.settings.gpu_count > 1:
             arguments += ["--tensor-parallel-size", str(self.settings.gpu_count)]

@@ -202,9 +202,12 @@ def write(ctx: DeployContext) -> TargetOutput:
 
 
 def _prometheus_config(ctx: DeployContext) -> str:
-    jobs = [{"job_name": "engine", "static_configs": [{"targets": [f"engine:{ENGINE_PORT}"]}]}]
+    """With a gateway, one job: the gateway's /metrics re-exports the engine's own series (`serve.engine_metrics`),
+    so scraping the engine too would count them twice. Without one, the engine is scraped directly."""
     if ctx.settings.gateway:
-        jobs.insert(0, {"job_name": "tuneloop-gateway", "static_configs": [{"targets": [f"gateway:{GATEWAY_PORT}"]}]})
+        jobs = [{"job_name": "tuneloop-gateway", "static_configs": [{"targets": [f"gateway:{GATEWAY_PORT}"]}]}]
+    else:
+        jobs = [{"job_name": "engine", "static_configs": [{"targets": [f"engine:{ENGINE_PORT}"]}]}]
     for job in jobs:
         job["static_configs"][0]["labels"] = {"deployment": ctx.name}
     return yaml.safe_dump({"global": {"scrape_interval": "5s"}, "scrape_configs": jobs}, sort_keys=False)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import EngineName, LoopConfig, ServeConfig
-from tuneloop.device import has_gpu
 from tuneloop.errors import TuneloopError
 from tuneloop.keys import zero_lora_key
 from tuneloop.models import configured_base, materialize, max_context
@@ -50,26 +49,26 @@ def build_gateway(
     """`tuneloop serve`: the gateway for `config.serve`, with `models` (default `serve.models`) and every A/B
     variant served beside the base; `engine`, `host`, `port` override the config."""
     from tuneloop.serve.gateway.app import create_app
-    from tuneloop.serve.gateway.batches import BatchStore
-    from tuneloop.serve.gateway.feedback import FeedbackStore
     from tuneloop.serve.gateway.routing import Router
+    from tuneloop.serve.gateway.stores import open_stores
 
     settings = config.serve
+    stores = open_stores(settings.state_url, workspace.serve)  # first: a wrong serve.state_url fails before any engine
     variants = [variant for route in settings.routes.values() for variant in route.variants]
     wanted = [ref for ref in dict.fromkeys([*(models or settings.models), *variants]) if ref != config.model.base]
     chosen = engine or settings.engine
     # A remote engine's context is its replicas' business; the others get the base model's bound.
     context = settings.max_model_len if chosen == "remote" else _context_limit(config, workspace)
     engine_instance = build_engine(config, workspace, [] if chosen == "remote" else wanted, chosen, context)
-    files = workspace.serve
     app = create_app(
         engine_instance,
         settings,
         api_keys=settings.api_keys + [key for key in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if key],
         context_limit=context,
         router=Router(settings.routes, seed=config.project.seed),
-        feedback_store=FeedbackStore(files.feedback),
-        batch_store=BatchStore(files),
+        feedback_store=stores.feedback,
+        batch_store=stores.batches,
+        rate_buckets=stores.buckets,
         workspace=workspace,
         registry=_registry_opener(config, workspace),
         rubric=config.eval.rubric,
@@ -113,8 +112,7 @@ def build_engine(
     vllm_python = Path(settings.vllm_python) if settings.vllm_python else default_vllm_python()
     llama_server = Path(settings.llamacpp_server) if settings.llamacpp_server else default_llama_server()
     if engine == "auto":
-        engine = choose_engine(vllm_python, llama_server, model_refs)
-        log.info("engine auto: chose %s", engine)
+        engine = choose_engine(vllm_python, llama_server, model_refs, settings)
     if engine == "llamacpp" and any(ref.endswith(".gguf") for ref in model_refs):
         return _merged_gguf_engine(settings, workspace, model_refs, llama_server)
     base_folder = materialize(configured_base(config, workspace))
@@ -134,21 +132,22 @@ def build_engine(
         )
     if engine == "llamacpp":
         from tuneloop.serve.engines.llamacpp import LlamaCppEngine, gguf_for_adapter, gguf_for_base
+        from tuneloop.serve.engines.precision import gguf_type
 
         return LlamaCppEngine(
             settings,
             config.model.base,
-            gguf_for_base(base_folder, workspace, settings.llamacpp_quant),
+            gguf_for_base(base_folder, workspace, gguf_type(settings)),
             {name: gguf_for_adapter(base_folder, adapter, workspace) for name, adapter in adapters.items()},
             _llama_server_or_error(llama_server),
             max_model_len=context,
             log_file=workspace.serve.log("llamacpp"),
             chat_template=adapter_chat_template(base_folder, adapters.values()),
         )
-    from tuneloop.device import resolve_precision
+    from tuneloop.serve.engines.precision import serving_precision
     from tuneloop.serve.engines.transformers_engine import TransformersEngine
 
-    dtype = resolve_precision(settings.precision).torch_dtype
+    dtype = serving_precision(settings).torch_dtype
     return TransformersEngine(
         settings, config.model.base, base_folder, adapters, dtype, trust_remote_code=config.model.trust_remote_code
     )
@@ -167,16 +166,25 @@ def _adapters(config: LoopConfig, workspace: Workspace, refs: list[str], base_fo
     return adapters
 
 
-def choose_engine(vllm_python: Path, llama_server: Path | None, model_refs: list[str]) -> EngineName:
-    """`auto`: the fastest engine installed. On a CPU llama.cpp first: measured here (docs/benchmarks.md) it gives 2.6x
-    vLLM's tokens/s to one user, more at 8 users with lower TTFT, and ~84% of vLLM's at 32 users; it also has no
-    mixed-LoRA-batch bug to work around. On a GPU machine vLLM comes first. A GGUF file needs llama.cpp."""
-    llama_ok = llama_server is not None and llama_server.exists()
+def choose_engine(
+    vllm_python: Path, llama_server: Path | None, model_refs: list[str], settings: ServeConfig | None = None
+) -> EngineName:
+    """`auto`: the fastest engine installed, in the order serve/engines/precision.py ranks them for this machine's
+    device and precision (one resolver for every engine). A GGUF file needs llama.cpp."""
+    from tuneloop.serve.engines.precision import engine_ranking
+
     if any(ref.endswith(".gguf") for ref in model_refs):
         return "llamacpp"
-    order: list[EngineName] = ["vllm", "llamacpp"] if has_gpu() else ["llamacpp", "vllm"]
-    available = {"vllm": vllm_python.exists(), "llamacpp": llama_ok}
-    return next((name for name in order if available[name]), "transformers")
+    available = {
+        "vllm": vllm_python.exists(),
+        "llamacpp": llama_server is not None and llama_server.exists(),
+        "transformers": True,
+    }
+    for name, why in engine_ranking(settings or ServeConfig()):
+        if available[name]:
+            log.info("engine auto: %s (%s)", name, why)
+            return name  # type: ignore[return-value]
+    return "transformers"
 
 
 def _llama_server_or_error(llama_server: Path | None) -> Path:

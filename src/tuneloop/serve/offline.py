@@ -33,9 +33,6 @@ from tuneloop.workspace import Workspace
 
 EvalEngineName = Literal["llamacpp", "vllm"]
 
-# eval.precision as resolved -> the GGUF type llama.cpp runs and the dtype vLLM runs (same weights as in-process).
-_GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-_VLLM_PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "fp16": "auto"}  # serve.precision has no fp16: vLLM's auto is it
 _INSTALL_HINTS = {"llamacpp": LlamaCppEngine.install_hint, "vllm": VllmEngine.install_hint}
 
 
@@ -55,7 +52,7 @@ def available_eval_engine(config: LoopConfig, specs: list[ModelSpec] | None = No
 
 
 def _fastest_installed(config: LoopConfig) -> EvalEngineName | None:
-    chosen = choose_engine(_vllm_python(config), _llama_server(config), [])
+    chosen = choose_engine(_vllm_python(config), _llama_server(config), [], config.serve)
     return "llamacpp" if chosen == "llamacpp" else "vllm" if chosen == "vllm" else None
 
 
@@ -110,9 +107,9 @@ def engine_endpoints(
     name = _engine_name(config, specs, engine)
     _check_installed(config, name)
     refs = list(dict.fromkeys(spec.ref for spec in specs if spec.adapter is not None))
-    precision = resolve_precision(config.eval.precision).name
+    # eval.precision as resolved: llama.cpp then runs that float GGUF and vLLM that dtype (serve/engines/precision.py).
     serve = config.serve.model_copy(
-        update={"llamacpp_quant": _GGUF_TYPES[precision], "precision": _VLLM_PRECISIONS[precision]}
+        update={"llamacpp_quant": "auto", "precision": resolve_precision(config.eval.precision).name}
     )
     engine_config = config.model_copy(update={"serve": serve})
     server = build_engine(engine_config, workspace, refs, name, _context_limit(config, workspace))

@@ -218,9 +218,16 @@ _TIMING_KEYS = {
 class MlflowCallback(TrainerCallback):
     """Logs every Trainer log entry into the run's MLflow run, from the main process only."""
 
-    def __init__(self, tracker: Any, mlflow_run_id: str) -> None:
+    def __init__(self, tracker: Any, mlflow_run_id: str, system_metrics: bool = False, resumed: bool = False) -> None:
         self.tracker = tracker
         self.run_id = mlflow_run_id
+        self.system_metrics = system_metrics  # train.system_metrics: MLflow's CPU/memory/GPU sampling thread
+        self.resumed = resumed
+        self.monitor: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.system_metrics and self.monitor is None and state.is_world_process_zero:
+            self.monitor = self.tracker.start_system_metrics(self.run_id, resume=self.resumed)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -232,5 +239,8 @@ class MlflowCallback(TrainerCallback):
         self.tracker.log_metrics(self.run_id, metrics, step=step)
 
     def finish(self, artifacts: list[Path] | None = None, status: str = "FINISHED") -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
         self.tracker.log_artifacts(self.run_id, artifacts or [])
         self.tracker.finish_run(self.run_id, status=status)

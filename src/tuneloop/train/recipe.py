@@ -31,6 +31,7 @@ from tuneloop.device import (
     settle_deepspeed_accelerator,
     training_threads,
 )
+from tuneloop.error_reporting import reported_failures, set_error_context
 from tuneloop.errors import TuneloopError
 from tuneloop.models import (
     BaseModelRef,
@@ -96,11 +97,29 @@ def train_model(
     console: Console | None = None,
     prepared: PreparedDataset | None = None,
 ) -> TrainResult:
-    """Train per `config.train`; with `resume`, continue the newest unfinished run of the same config."""
+    """Train per `config.train`; with `resume`, continue the newest unfinished run of the same config. A failure is
+    reported to Sentry (with the run id, model, method and step) when `train.sentry_dsn` or $SENTRY_DSN is set."""
+    with reported_failures(config.train.sentry_dsn, "train"):
+        return _train(
+            config, workspace, resume=resume, run_id=run_id, callbacks=callbacks, console=console, prepared=prepared
+        )
+
+
+def _train(
+    config: LoopConfig,
+    workspace: Workspace,
+    *,
+    resume: bool,
+    run_id: str | None,
+    callbacks: Sequence[Any],
+    console: Console | None,
+    prepared: PreparedDataset | None,
+) -> TrainResult:
     console = console or Console(stderr=True)
     started = time.perf_counter()
     prepared = prepared or prepare_dataset(config, workspace, console=console if is_main_process() else _quiet())
     run = _setup_run(config, workspace, prepared, resume, run_id, console)
+    set_error_context(run_id=run.record.run_id, model=config.model.base, method=config.train.method, rank=global_rank())
     tokenizer = load_tokenizer(run.base, config.chat_template_spec())
     model, model_memory_mb = _setup_model(config.train, run.base, run.precision, run.compile, run.threads)
     train_data, val_data, collator = _setup_data(config.data, prepared, pad_token_id(tokenizer))
@@ -126,6 +145,7 @@ def train_model(
     try:
         trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     except BaseException:
+        set_error_context(step=trainer.state.global_step)
         if is_main_process():
             _mark_failed(run, tracker)
         raise
@@ -326,7 +346,7 @@ def _setup_tracking(config: LoopConfig, workspace: Workspace, run: _Run, prepare
     tracker = Tracker.open(workspace, config.registry.tracking_uri, config.project.name)
     if run.record.mlflow_run_id is not None:
         tracker.reopen_run(run.record.mlflow_run_id)
-        return MlflowCallback(tracker, run.record.mlflow_run_id)
+        return MlflowCallback(tracker, run.record.mlflow_run_id, config.train.system_metrics, resumed=True)
     data = config.section_dump("data")
     params = flatten(
         {
@@ -347,7 +367,7 @@ def _setup_tracking(config: LoopConfig, workspace: Workspace, run: _Run, prepare
         "tuneloop.quantization": run.quantization or "none",
     }
     run.record.mlflow_run_id = tracker.start_run(run.record.run_id, params, tags)
-    return MlflowCallback(tracker, run.record.mlflow_run_id)
+    return MlflowCallback(tracker, run.record.mlflow_run_id, config.train.system_metrics)
 
 
 def _setup_trainer(

@@ -39,6 +39,15 @@ class GenerationChunk:
     completion_tokens: int = 0
 
 
+@dataclass
+class MetricsSource:
+    """An engine server's own Prometheus endpoint, which the gateway re-exports on its /metrics with `labels` added
+    to every series (the engines listen on private ports that Prometheus cannot reach)."""
+
+    url: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class ServedModel:
     name: str
@@ -84,6 +93,8 @@ def adapter_chat_template(base_folder: Path, adapters: Iterable[Path]) -> Path |
 
 class Engine(ABC):
     name: str
+    #: speaks OpenAI's streaming format over HTTP: `stream_events` forwards the server's own bytes (pass-through)
+    passthrough: bool = False
 
     @abstractmethod
     def models(self) -> list[ServedModel]: ...
@@ -97,9 +108,18 @@ class Engine(ABC):
         completions format); with `echo`, the prompt's tokens are scored too (what lm-eval's loglikelihood uses)."""
         raise NotImplementedError(f"the {self.name} engine does not return logprobs")
 
+    def stream_events(self, request: GenerationRequest) -> AsyncIterator[bytes]:
+        """Engines with `passthrough`: the answer as the server's own OpenAI server-sent events (whole events, the
+        usage chunk included), with the served model's name."""
+        raise NotImplementedError(f"the {self.name} engine has no pass-through stream")
+
     def stats(self) -> dict[str, float]:
         """Engine counters shown on /health (e.g. batches run, largest batch)."""
         return {}
+
+    def metrics_sources(self) -> list[MetricsSource]:
+        """The servers' own Prometheus endpoints (vLLM's, llama-server's /metrics); none for in-process engines."""
+        return []
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights or wait for a server; `/ready` answers 200 once this returns."""

@@ -23,6 +23,7 @@ from tuneloop.config import ServeConfig
 from tuneloop.keys import gguf_adapter_key, gguf_base_key
 from tuneloop.serve.engines.base import ServedModel, base_with_adapters
 from tuneloop.serve.engines.local_server import LocalServerEngine
+from tuneloop.serve.engines.optimisations import check_draft_model, llamacpp_optimisation_flags
 from tuneloop.workspace import Workspace
 
 
@@ -83,6 +84,9 @@ def llama_server_arguments(
         arguments += ["--chat-template-file", chat_template]
     if threads is not None:
         arguments += ["--threads", str(threads)]
+    if settings.engine_metrics:  # /metrics (llamacpp:*), re-exported by the gateway or scraped directly
+        arguments.append("--metrics")
+    arguments += llamacpp_optimisation_flags(settings)
     for path in lora_files:
         arguments += ["--lora", path]
     return arguments
@@ -104,6 +108,7 @@ class LlamaCppEngine(LocalServerEngine):
         log_file: Path | None,
         chat_template: Path | None = None,
     ) -> None:
+        check_draft_model(settings)
         super().__init__(server, settings.start_timeout_s, log_file)
         self.chat_template = chat_template
         self.base_name = base_name

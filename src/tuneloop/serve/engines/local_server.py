@@ -14,13 +14,14 @@ from typing import Any
 
 from tuneloop.errors import TuneloopError
 from tuneloop.net import free_port
-from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest
+from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, MetricsSource
 from tuneloop.serve.engines.remote import RemoteEngine
 
 
 class LocalServerEngine(Engine):
     #: what to run to get the server (a hint shown when it is missing)
     install_hint: str = ""
+    passthrough = True
 
     def __init__(self, executable: Path, start_timeout: float, log_file: Path | None) -> None:
         self.executable = executable
@@ -42,6 +43,10 @@ class LocalServerEngine(Engine):
 
     def stats(self) -> dict[str, Any]:
         return {"pid": self.process.pid if self.process else None, **(self.remote.stats() if self.remote else {})}
+
+    def metrics_sources(self) -> list[MetricsSource]:
+        # One server on a private port: its series need no replica label.
+        return [MetricsSource(source.url) for source in self.remote.metrics_sources()] if self.remote else []
 
     async def start(self) -> None:
         if not self.executable.exists():
@@ -90,3 +95,8 @@ class LocalServerEngine(Engine):
         if self.remote is None:
             raise TuneloopError(f"the {self.name} engine is not started")
         return self.remote.generate(request)
+
+    def stream_events(self, request: GenerationRequest) -> AsyncIterator[bytes]:
+        if self.remote is None:
+            raise TuneloopError(f"the {self.name} engine is not started")
+        return self.remote.stream_events(request)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import TuneloopError
 from tuneloop.net import closed_before_response
-from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, ServedModel
+from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest, MetricsSource, ServedModel
 
 if TYPE_CHECKING:
     import httpx
@@ -47,6 +47,7 @@ class StaleConnection(ReplicaFailed):
 
 class RemoteEngine(Engine):
     name = "remote"
+    passthrough = True
 
     def __init__(
         self,
@@ -167,9 +168,9 @@ class RemoteEngine(Engine):
         if replica.failures >= self.failure_threshold or replica.open_until > 0:
             replica.open_until = time.monotonic() + self.cooldown
 
-    async def _stream(self, replica: Replica, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        import httpx
-
+    def request_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The OpenAI request sent to a replica: streamed, with the usage chunk, and the fields that select the
+        served model on it (request_overrides)."""
         chat = request.messages is not None
         body: dict[str, Any] = {
             "model": request.model,
@@ -185,6 +186,82 @@ class RemoteEngine(Engine):
             body["stop"] = request.stop
         body["messages" if chat else "prompt"] = request.messages if chat else request.prompt
         body.update(self.request_overrides.get(request.model, {}))
+        return body
+
+    async def stream_events(self, request: GenerationRequest) -> AsyncIterator[bytes]:
+        """Pass-through streaming: the replica's server-sent events as bytes, each whole (ending in a blank line),
+        with the replica's model name replaced by the served one where request_overrides renamed it. Failover as in
+        `generate`: a replica failing before its first event is replaced by another; after it, the stream ends with
+        an error."""
+        tried: set[int] = set()
+        stale_retried = False
+        body = self.request_body(request)
+        upstream = str(body["model"])
+        rename = (
+            (f'"model":{json.dumps(upstream)}'.encode(), f'"model":{json.dumps(request.model)}'.encode())
+            if upstream != request.model
+            else None
+        )
+        while True:
+            index = self._choose(tried)
+            if index is None:
+                raise TuneloopError("every replica failed or is cooling down")
+            tried.add(index)
+            replica = self.replicas[index]
+            replica.in_flight += 1
+            delivered = False
+            try:
+                async for events in self._raw_events(replica, request.messages is not None, body):
+                    delivered = True
+                    yield events if rename is None else events.replace(*rename)
+                replica.failures = 0
+                replica.served += 1
+                return
+            except ReplicaFailed as failure:
+                if isinstance(failure, StaleConnection) and not delivered and not stale_retried:
+                    stale_retried = True
+                    tried.discard(index)
+                    continue
+                self._failed(replica)
+                if delivered:
+                    raise TuneloopError(f"replica {replica.url} failed mid-stream") from None
+            finally:
+                replica.in_flight -= 1
+
+    async def _raw_events(self, replica: Replica, chat: bool, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """The replica's SSE stream cut at event boundaries (a network read may end mid-event)."""
+        import httpx
+
+        path = "chat/completions" if chat else "completions"
+        try:
+            async with self._client.stream("POST", f"{replica.url}/{path}", json=body) as response:
+                if response.status_code >= 500:
+                    raise ReplicaFailed(f"{replica.url} answered {response.status_code}")
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode(errors="replace")[:300]
+                    raise TuneloopError(f"replica {replica.url} refused the request ({response.status_code}): {detail}")
+                replica.open_until = 0.0
+                pending = b""
+                async for data in response.aiter_bytes():
+                    pending += data
+                    cut = pending.rfind(b"\n\n")
+                    if cut >= 0:
+                        yield pending[: cut + 2]
+                        pending = pending[cut + 2 :]
+                if pending.strip():
+                    yield pending + b"\n\n"
+        except httpx.RemoteProtocolError as error:
+            if closed_before_response(error):
+                raise StaleConnection(f"{replica.url}: {error}") from error
+            raise ReplicaFailed(f"{replica.url}: {type(error).__name__}") from error
+        except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.TimeoutException) as error:
+            raise ReplicaFailed(f"{replica.url}: {type(error).__name__}") from error
+
+    async def _stream(self, replica: Replica, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        import httpx
+
+        chat = request.messages is not None
+        body = self.request_body(request)
         path = "chat/completions" if chat else "completions"
         finish, usage = None, {"prompt_tokens": 0, "completion_tokens": 0}
         try:
@@ -218,3 +295,9 @@ class RemoteEngine(Engine):
             prompt_tokens=usage.get("prompt_tokens", 0),
             completion_tokens=usage.get("completion_tokens", 0),
         )
+
+    def metrics_sources(self) -> list[MetricsSource]:
+        """Every replica's /metrics, its series labelled `replica` with the replica's URL (a scrape shows them all;
+        sum or filter by `replica` in queries)."""
+        bases = [replica.url.removesuffix("/v1") for replica in self.replicas]
+        return [MetricsSource(f"{base}/metrics", {"replica": base}) for base in bases]

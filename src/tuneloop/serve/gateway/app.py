@@ -3,6 +3,7 @@ request size) and mounts the per-endpoint routers (routers/)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from tuneloop.config import ServeConfig
+from tuneloop.error_reporting import close_error_reporting, init_error_reporting
 from tuneloop.serve.engines.base import Engine
 from tuneloop.serve.gateway.batches import BatchStore
 from tuneloop.serve.gateway.errors import install_error_handlers
@@ -23,6 +25,8 @@ from tuneloop.serve.gateway.routers import completions, dashboard, feedback, fil
 from tuneloop.serve.gateway.routing import Router
 from tuneloop.serve.gateway.serving import CompletionServing
 from tuneloop.serve.gateway.state import GatewayState
+from tuneloop.serve.gateway.stores.base import TokenBuckets
+from tuneloop.serve.gateway.tracing import ServerSpanMiddleware, gateway_tracer
 from tuneloop.workspace import Workspace
 
 log = logging.getLogger("tuneloop.gateway")
@@ -37,19 +41,31 @@ def create_app(
     router: Router | None = None,
     feedback_store: FeedbackStore | None = None,
     batch_store: BatchStore | None = None,
+    rate_buckets: TokenBuckets | None = None,
     workspace: Workspace | None = None,
     registry: Callable[[], Any] | None = None,
     rubric: dict[str, str] | None = None,
 ) -> FastAPI:
     """The gateway over `engine`, bounded by `settings` (request size, max_tokens, rate limit); `api_keys` default to
     `settings.api_keys`, `context_limit` to `settings.max_model_len`. Without stores, feedback is kept in memory and
-    the Files/Batches API answers 404. `rubric` (dimension -> what a 5 means) is what /dashboard/rate asks raters
-    to grade; default `eval.rubric`'s."""
+    the Files/Batches API answers 404, and rate limits are counted in this process unless `rate_buckets` (stores/)
+    says where. `rubric` (dimension -> what a 5 means) is what /dashboard/rate asks raters to grade; default
+    `eval.rubric`'s."""
+    # Before the routes exist: Sentry's FastAPI integration wraps request handlers as routes are created.
+    reporting = init_error_reporting(settings.sentry_dsn, "gateway", settings.sentry_send_content)
+    tracer = gateway_tracer(settings, engine)
     router = router or Router({})
     feedback_store = feedback_store or FeedbackStore(None)
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(engine_metrics=settings.engine_metrics)
     serving = CompletionServing(
-        engine, router, feedback_store, metrics, settings.max_tokens, context_limit or settings.max_model_len
+        engine,
+        router,
+        feedback_store,
+        metrics,
+        settings.max_tokens,
+        context_limit or settings.max_model_len,
+        passthrough=settings.passthrough,
+        tracer=tracer,
     )
     state = GatewayState(engine, router, feedback_store, metrics, serving, batch_store, workspace, registry)
     if workspace is not None:
@@ -61,19 +77,27 @@ def create_app(
         # dashboard's serving statistics (read from metrics.registry) do not.
         state.training_metrics = CollectorRegistry(auto_describe=False)
         state.training_metrics.register(TrainingCollector(workspace, registry))
-    limiter = RateLimiter(settings.rate_limit_per_minute)
+    limiter = RateLimiter(settings.rate_limit_per_minute, rate_buckets)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         state.ready = True
+        takeover = None
         if batch_store is not None:
-            for job in batch_store.unfinished():  # a restart loses no batch job
-                batch_store.start(job, serving.batch_item)
+            batch_store.resume(serving.batch_item)  # a restart loses no batch job
+            # Under a shared store (serve.state_url), also the jobs of replicas that died.
+            takeover = asyncio.create_task(batch_store.keep_resuming(serving.batch_item))
         log.info("engine %s ready: %s", engine.name, [model.name for model in engine.models()])
         yield
         state.ready = False
+        if batch_store is not None and takeover is not None:
+            takeover.cancel()
+            await batch_store.stop()  # their leases are released: another replica resumes them at once
         await engine.stop()
+        tracer.shutdown()  # exports the spans still buffered
+        if reporting:
+            close_error_reporting()
 
     app = FastAPI(title="tuneloop gateway", lifespan=lifespan)
     app.state.gateway = state
@@ -82,6 +106,8 @@ def create_app(
 
     keys = set(settings.api_keys if api_keys is None else api_keys)
     app.add_middleware(GuardMiddleware, api_keys=keys, limiter=limiter, max_request_bytes=settings.max_request_bytes)
+    if tracer.enabled:  # outermost: the server span covers the guard's refusals too
+        app.add_middleware(ServerSpanMiddleware, tracer=tracer)
     for module in (completions, files, feedback, health, dashboard, rate):
         app.include_router(module.router)
     return app

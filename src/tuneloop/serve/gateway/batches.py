@@ -1,6 +1,13 @@
 """The OpenAI Files + Batches API: upload a JSONL of requests, create a batch, poll it, download output and error
-files, cancel it. Files and jobs live in the workspace (`serve/files/`, `serve/batches/`), results are appended as
-they finish, and a restarted gateway resumes unfinished jobs without redoing finished requests — a restart loses none.
+files, cancel it. Files and jobs live in a `BatchBackend` (stores/): the workspace (`serve/files/`, `serve/batches/`)
+for one gateway, or Redis shared by replicas. Results are appended as they finish, and an unfinished job is resumed
+without redoing finished requests — by the same gateway after a restart, or under Redis by any replica once the lease
+of the replica running it runs out (it died) — so an accepted batch loses none.
+
+Under Redis a job runs on the replica that claims it: the one that accepted it, at once; the others look for jobs
+whose lease expired every third of a lease. The owner renews its lease as often, and each result is appended only
+while it still holds the lease, so a replica that lost it (stalled past the lease) cannot add a line the next owner
+also adds.
 """
 
 from __future__ import annotations
@@ -8,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,31 +24,39 @@ from pathlib import Path
 from typing import Any, get_args
 
 from tuneloop.serve.gateway.protocol import BatchEndpoint, error_body
+from tuneloop.serve.gateway.stores.base import DEFAULT_LEASE_S, RUNNING, BatchBackend, FileMeta, Job
+from tuneloop.serve.gateway.stores.local import LocalBatchFiles
 from tuneloop.workspace import ServePaths
 
 log = logging.getLogger("tuneloop.gateway")
 
 BATCH_ENDPOINTS: tuple[str, ...] = get_args(BatchEndpoint)
-RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+Handler = Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]  # (url, body) -> (status, response body)
 
 
 class BatchStore:
-    """Uploaded files and batch jobs under the workspace's `serve/` folder (`ServePaths`)."""
+    """Files and batch jobs in `storage` (a workspace's `ServePaths`: local files), and the jobs this process runs."""
 
-    def __init__(self, paths: ServePaths, concurrency: int = 8) -> None:
-        self.files = paths.files
-        self.jobs = paths.batches
-        self.files.mkdir(parents=True, exist_ok=True)
-        self.jobs.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, storage: ServePaths | BatchBackend, concurrency: int = 8, lease_s: float = DEFAULT_LEASE_S
+    ) -> None:
+        self.backend: BatchBackend = LocalBatchFiles(storage) if isinstance(storage, ServePaths) else storage
         self.concurrency = concurrency
+        self.lease_s = lease_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this replica, in leases
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
+    @property
+    def files(self) -> Path:
+        """The folder of uploaded files (local backend only)."""
+        if not isinstance(self.backend, LocalBatchFiles):
+            raise AttributeError("files are kept in the shared store (serve.state_url), not in a folder")
+        return self.backend.files
+
     # -- files ------------------------------------------------------------------------------------------------------
-    def add_file(self, name: str, purpose: str, content: bytes) -> dict[str, Any]:
-        file_id = f"file-{uuid.uuid4().hex[:24]}"
-        (self.files / f"{file_id}.data").write_bytes(content)
+    def add_file(self, name: str, purpose: str, content: bytes) -> FileMeta:
         meta = {
-            "id": file_id,
+            "id": f"file-{uuid.uuid4().hex[:24]}",
             "object": "file",
             "bytes": len(content),
             "created_at": int(time.time()),
@@ -48,21 +64,17 @@ class BatchStore:
             "purpose": purpose,
             "status": "processed",
         }
-        self._write(self.files / f"{file_id}.json", meta)
+        self.backend.put_file(meta, content)
         return meta
 
-    def file(self, file_id: str) -> dict[str, Any] | None:
-        path = _stored(self.files, file_id, ".json")
-        return json.loads(path.read_text()) if path is not None else None
+    def file(self, file_id: str) -> FileMeta | None:
+        return self.backend.file_meta(file_id)
 
     def file_content(self, file_id: str) -> bytes | None:
-        path = _stored(self.files, file_id, ".data")
-        return path.read_bytes() if path is not None else None
+        return self.backend.file_content(file_id)
 
     # -- jobs ---------------------------------------------------------------------------------------------------------
-    def create(
-        self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, Any] | None
-    ) -> dict[str, Any]:
+    def create(self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, Any] | None) -> Job:
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
         output = self.add_file(f"{batch_id}_output.jsonl", "batch_output", b"")
         errors = self.add_file(f"{batch_id}_error.jsonl", "batch_output", b"")
@@ -87,26 +99,88 @@ class BatchStore:
         self.save(job)
         return job
 
-    def get(self, batch_id: str) -> dict[str, Any] | None:
-        path = _stored(self.jobs, batch_id, ".json")
-        return json.loads(path.read_text()) if path is not None else None
+    def get(self, batch_id: str) -> Job | None:
+        return self.backend.get_job(batch_id)
 
-    def all(self) -> list[dict[str, Any]]:
-        return sorted((json.loads(p.read_text()) for p in self.jobs.glob("*.json")), key=lambda j: -j["created_at"])
+    def all(self) -> list[Job]:
+        return self.backend.jobs()
 
-    def save(self, job: dict[str, Any]) -> None:
-        self._write(self.jobs / f"{job['id']}.json", job)
+    def save(self, job: Job) -> None:
+        self.backend.save_job(job)
 
-    def unfinished(self) -> list[dict[str, Any]]:
-        return [job for job in self.all() if job["status"] in RUNNING]
+    def unfinished(self) -> list[Job]:
+        return self.backend.unfinished_jobs()
+
+    def cancel(self, batch_id: str) -> Job | None:
+        """Ask a job to stop (its runner, on whichever replica, sees it before each request): the job, or None."""
+        self.backend.update_job(batch_id, {"status": "cancelling"}, when=("validating", "in_progress"))
+        return self.get(batch_id)
 
     # -- running ------------------------------------------------------------------------------------------------------
-    def start(self, job: dict[str, Any], handler: Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]) -> None:
-        self.tasks[job["id"]] = asyncio.create_task(self._run(job["id"], handler))
+    def start(self, job: Job, handler: Handler) -> bool:
+        """Run `job` here if no one runs it (this process, or under Redis a replica holding its lease)."""
+        batch_id = job["id"]
+        if batch_id in self.tasks or not self.backend.claim(batch_id, self.owner, self.lease_s):
+            return False
+        task = asyncio.create_task(self._run(batch_id, handler))
+        self.tasks[batch_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(batch_id, None))
+        return True
 
-    async def _run(self, batch_id: str, handler: Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]) -> None:
+    def resume(self, handler: Handler) -> int:
+        """Start every unfinished job no one runs (at start; a restart loses no job): how many were started."""
+        return sum(self.start(job, handler) for job in self.unfinished())
+
+    async def keep_resuming(self, handler: Handler) -> None:
+        """Under a shared store, take over the jobs of replicas that stopped renewing their lease (they died)."""
+        if not self.backend.shared:
+            return
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                if started := self.resume(handler):
+                    log.info("took over %d batch job(s) whose lease had run out", started)
+            except Exception:  # the store is down for a moment: try again next round
+                log.exception("looking for batch jobs to take over failed")
+
+    async def stop(self) -> None:
+        """Stop the jobs running here, releasing their leases so another replica resumes them without waiting."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, batch_id: str, handler: Handler) -> None:
+        keeper = (
+            asyncio.create_task(self._keep_lease(batch_id, asyncio.current_task())) if self.backend.shared else None
+        )
+        try:
+            await self._process(batch_id, handler)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+            try:
+                self.backend.release(batch_id, self.owner)
+            except Exception:  # the lease then runs out by itself
+                log.exception("batch %s: releasing its lease failed", batch_id)
+
+    async def _keep_lease(self, batch_id: str, runner: asyncio.Task[Any] | None) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                kept = self.backend.renew(batch_id, self.owner, self.lease_s)
+            except Exception:  # the store did not answer: the fenced appends decide whether the lease still holds
+                log.exception("batch %s: renewing its lease failed", batch_id)
+                continue
+            if not kept and runner is not None:
+                log.warning("batch %s: lease lost, stopping here", batch_id)
+                runner.cancel()
+                return
+
+    async def _process(self, batch_id: str, handler: Handler) -> None:
         job = self.get(batch_id)
-        assert job is not None
+        if job is None or job["status"] not in RUNNING:  # finished meanwhile (by another replica)
+            return
         # Bytes that are not UTF-8 become a line that is not JSON: the job fails naming it, instead of its task dying.
         lines = (self.file_content(job["input_file_id"]) or b"").decode("utf-8", errors="replace").splitlines()
         requests = []
@@ -120,35 +194,32 @@ class BatchStore:
                     raise TypeError("`url` must be a string and `body` an object")
                 requests.append((str(item["custom_id"]), url, body))
             except (ValueError, KeyError, TypeError) as error:
-                job.update(
-                    status="failed",
-                    failed_at=int(time.time()),
-                    errors={
-                        "object": "list",
-                        "data": [{"code": "invalid_request", "line": number, "message": f"line {number}: {error}"}],
-                    },
-                )
-                self.save(job)
+                failure = {"code": "invalid_request", "line": number, "message": f"line {number}: {error}"}
+                changes = {
+                    "status": "failed",
+                    "failed_at": int(time.time()),
+                    "errors": {"object": "list", "data": [failure]},
+                }
+                self.backend.update_job(batch_id, changes, when=RUNNING)
                 return
-        output_path = self.files / f"{job['output_file_id']}.data"
-        error_path = self.files / f"{job['error_file_id']}.data"
         done = {
             json.loads(line)["custom_id"]
-            for path in (output_path, error_path)
-            for line in path.read_text().splitlines()
+            for file_id in (job["output_file_id"], job["error_file_id"])
+            for line in (self.file_content(file_id) or b"").decode("utf-8", errors="replace").splitlines()
             if line.strip()
         }
-        job["request_counts"]["total"] = len(requests)
-        if job["status"] == "validating":
-            job.update(status="in_progress", in_progress_at=int(time.time()))
-        self.save(job)
+        self.backend.update_job(batch_id, {"request_counts": {**job["request_counts"], "total": len(requests)}})
+        self.backend.update_job(
+            batch_id, {"status": "in_progress", "in_progress_at": int(time.time())}, when=("validating",)
+        )
         limit = asyncio.Semaphore(self.concurrency)
-        lock = asyncio.Lock()
+        lost = False  # another replica took the job over: stop working on it
 
         async def one(custom_id: str, url: str, body: dict[str, Any]) -> None:
+            nonlocal lost
             async with limit:
-                current = self.get(batch_id) or job
-                if current["status"] == "cancelling":
+                current = self.get(batch_id)
+                if lost or current is None or current["status"] == "cancelling":
                     return
                 try:
                     status, response = await handler(url, body)
@@ -161,38 +232,20 @@ class BatchStore:
                     "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": response},
                     "error": None,
                 }
-                async with lock:
-                    target = output_path if status == 200 else error_path
-                    with target.open("a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    fresh = self.get(batch_id) or job
-                    fresh["request_counts"]["completed" if status == 200 else "failed"] += 1
-                    self.save(fresh)
+                target, counter = (
+                    (job["output_file_id"], "completed") if status == 200 else (job["error_file_id"], "failed")
+                )
+                if not self.backend.append_result(batch_id, self.owner, target, json.dumps(record) + "\n", counter):
+                    lost = True
 
         await asyncio.gather(*(one(*request) for request in requests if request[0] not in done))
-        job = self.get(batch_id) or job
-        if job["status"] == "cancelling":
-            job.update(status="cancelled", cancelled_at=int(time.time()))
-        else:
-            job.update(status="completed", completed_at=int(time.time()))
-        for key in ("output_file_id", "error_file_id"):
-            meta = self.file(job[key])
+        if lost:
+            log.warning("batch %s: another gateway replica took it over", batch_id)
+            return
+        for file_id in (job["output_file_id"], job["error_file_id"]):  # sizes first: `completed` means final files
+            meta = self.file(file_id)
             if meta is not None:
-                meta["bytes"] = (self.files / f"{job[key]}.data").stat().st_size
-                self._write(self.files / f"{job[key]}.json", meta)
-        self.save(job)
-
-    @staticmethod
-    def _write(path: Path, data: dict[str, Any]) -> None:
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(data), encoding="utf-8")
-        temporary.replace(path)
-
-
-def _stored(folder: Path, identifier: str, suffix: str) -> Path | None:
-    """The file of an id, or None when there is none. Ids are ours (`file-…`, `batch_…`): anything else — a path
-    separator, `..`, a name longer than the file system allows (an OSError, hence a 500) — names nothing."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", identifier):
-        return None
-    path = folder / f"{identifier}{suffix}"
-    return path if path.is_file() else None
+                self.backend.set_file_meta({**meta, "bytes": self.backend.file_size(file_id)})
+        now = int(time.time())
+        if not self.backend.update_job(batch_id, {"status": "cancelled", "cancelled_at": now}, when=("cancelling",)):
+            self.backend.update_job(batch_id, {"status": "completed", "completed_at": now}, when=RUNNING)

@@ -10,20 +10,17 @@ Per variant the summary gives the preference rate with its 95% Wilson interval, 
 the route's control (its first variant in `serve.routes`): the difference in preference rate with Newcombe's 95%
 interval, Fisher's exact p-value, a `significant` flag (p < 0.05) and a verdict in words (tuneloop.stats).
 
-What a restart keeps: the ratings, rebuilt from the JSON Lines file when the store opens (malformed lines are
-skipped and counted in `skipped_lines`). What it loses: the served-response counts (`responses` in the summary
-counts responses served since this start) and the map from response id to variant, so a response served before the
-restart can no longer be rated (404).
+Locally (no `serve.state_url`), what a restart keeps: the ratings, rebuilt from the JSON Lines file when the store
+opens (malformed lines are skipped and counted in `skipped_lines`). What it loses: the served-response counts
+(`responses` in the summary counts responses served since this start) and the map from response id to variant, so a
+response served before the restart can no longer be rated (404). Under Redis all of it is shared by the replicas
+and outlives any of them: a response served by one can be rated through another (for 24 hours).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,9 +29,9 @@ from pydantic import BaseModel, PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from tuneloop.config import RouteConfig
+from tuneloop.serve.gateway.stores.base import FeedbackBackend, Key
+from tuneloop.serve.gateway.stores.local import LocalFeedback
 from tuneloop.stats import ratings_needed, two_proportions, wilson_interval
-
-log = logging.getLogger("tuneloop.gateway")
 
 POSITIVE_THUMBS = ("up", "thumbs_up", "good", "positive")
 NEGATIVE_THUMBS = ("down", "thumbs_down", "bad", "negative")
@@ -89,74 +86,37 @@ class FeedbackRequest(BaseModel):
     comment: str | None = None
 
 
-Key = tuple[str, str | None]  # (model asked for, variant)
-
-
 class FeedbackStore:
-    def __init__(self, path: Path | None, remember: int = 100_000) -> None:
-        self.path = path
-        self.responses: OrderedDict[str, Key] = OrderedDict()  # response id -> key, the newest `remember`
-        self.remember = remember
-        self.lock = threading.Lock()
-        self.served: dict[Key, int] = {}
-        self.ratings: dict[Key, list[bool]] = {}
-        self.seen: dict[Key, None] = {}  # keys in the order first served or rated: a route's default control
-        self.skipped_lines = 0
-        # A crash mid-append can leave a last line without its newline: the next entry must not be glued onto it.
-        self._needs_newline = False
-        if path is not None and path.exists():
-            self._load(path)
+    """Ratings against served responses, and the preference summary per model and variant. Storage is a
+    `FeedbackBackend`: a JSON Lines file (or memory) for one gateway, or Redis shared by replicas (stores/)."""
 
-    def _load(self, path: Path) -> None:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        self._needs_newline = bool(text) and not text.endswith("\n")
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                model, variant, positive = entry["model"], entry["variant"], entry["positive"]
-            except (ValueError, TypeError, KeyError):
-                self.skipped_lines += 1
-                continue
-            if not isinstance(model, str) or not isinstance(variant, str | None) or not isinstance(positive, bool):
-                self.skipped_lines += 1
-                continue
-            self.ratings.setdefault((model, variant), []).append(positive)
-            self.seen.setdefault((model, variant))
-        if self.skipped_lines:
-            log.warning("skipped %d malformed lines of %s", self.skipped_lines, path)
+    def __init__(self, storage: Path | FeedbackBackend | None = None, remember: int = 100_000) -> None:
+        """`storage`: the ratings file (None: memory only) or a backend; `remember`: how many of the newest response
+        ids a local store can rate."""
+        self.backend = LocalFeedback(storage, remember) if storage is None or isinstance(storage, Path) else storage
+
+    @property
+    def skipped_lines(self) -> int:
+        return self.backend.skipped_lines
 
     def served_response(self, response_id: str, model: str, variant: str | None) -> None:
-        with self.lock:
-            self.responses[response_id] = (model, variant)
-            if len(self.responses) > self.remember:
-                self.responses.popitem(last=False)
-            self.served[(model, variant)] = self.served.get((model, variant), 0) + 1
-            self.seen.setdefault((model, variant))
+        self.backend.served(response_id, (model, variant))
 
     def record(self, feedback: FeedbackRequest) -> dict[str, Any] | None:
         """The stored entry, or None when the response id is unknown (never served, forgotten, or before a restart)."""
-        with self.lock:
-            served = self.responses.get(feedback.response_id)
-            if served is None:
-                return None
-            positive = is_positive(feedback.rating)
-            entry = {
-                "time": time.time(),
-                "response_id": feedback.response_id,
-                "model": served[0],
-                "variant": served[1],
-                "rating": feedback.rating,
-                "positive": positive,
-                "comment": feedback.comment,
-            }
-            self.ratings.setdefault(served, []).append(positive)
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as handle:
-                    handle.write(("\n" if self._needs_newline else "") + json.dumps(entry) + "\n")
-                self._needs_newline = False
+        served = self.backend.lookup(feedback.response_id)
+        if served is None:
+            return None
+        entry = {
+            "time": time.time(),
+            "response_id": feedback.response_id,
+            "model": served[0],
+            "variant": served[1],
+            "rating": feedback.rating,
+            "positive": is_positive(feedback.rating),
+            "comment": feedback.comment,
+        }
+        self.backend.add_rating(served, entry)
         return entry
 
     def summary(self, controls: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -164,10 +124,7 @@ class FeedbackStore:
         interval (`preference_ci95`) and `vs_control`: the comparison with the route's control variant (None for the
         control itself and for requests that went to no route). `controls` maps a route to its control variant;
         a route it does not name takes the variant first served or rated."""
-        with self.lock:
-            order = list(self.seen)
-            served = dict(self.served)
-            counts = {key: (sum(values), len(values)) for key, values in self.ratings.items()}
+        order, served, counts = self.backend.totals()
         rows: dict[Key, dict[str, Any]] = {}
         for key in order:
             positive, rated = counts.get(key, (0, 0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -14,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tuneloop.error_reporting import report_exception
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationRequest
 from tuneloop.serve.gateway.batches import BATCH_ENDPOINTS
@@ -22,12 +24,19 @@ from tuneloop.serve.gateway.feedback import FeedbackStore
 from tuneloop.serve.gateway.metrics import GatewayMetrics
 from tuneloop.serve.gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from tuneloop.serve.gateway.routing import Router
+from tuneloop.serve.gateway.tracing import NO_TRACING, GenerationTrace, RequestTracer
 
 log = logging.getLogger("tuneloop.gateway")
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
 # What a request that names no max_tokens gets (bounded by serve.max_tokens).
 DEFAULT_MAX_TOKENS = 256
+# Pass-through streams are read, not parsed: an event with non-empty text (TTFT, inter-token gaps), the response id,
+# and the usage event (the one event that is parsed).
+# Compact JSON (vLLM, llama-server) or spaced (Python's json.dumps: another tuneloop gateway as a replica).
+_TEXT_EVENT = re.compile(rb'"(?:content|text)": ?"[^"]')
+_RESPONSE_ID = re.compile(rb'"id": ?"([^"]+)"')
+_USAGE = re.compile(rb'"usage": ?\{')
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -47,8 +56,12 @@ class CompletionServing:
         metrics: GatewayMetrics,
         max_tokens_limit: int,
         context_limit: int,
+        passthrough: bool = True,
+        tracer: RequestTracer = NO_TRACING,
     ) -> None:
         self.engine = engine
+        self.passthrough = passthrough
+        self.tracer = tracer
         self.router = router
         self.feedback = feedback
         self.metrics = metrics
@@ -63,6 +76,7 @@ class CompletionServing:
             raise GatewayError(
                 404, f"The model `{body.model}` does not exist.", "invalid_request_error", "model_not_found", "model"
             )
+        self.tracer.route(body.model, served, variant)
         return served, variant
 
     def to_generation(self, body: AnyRequest, prompt: str | None, served: str) -> GenerationRequest:
@@ -111,44 +125,64 @@ class CompletionServing:
         ]
 
     async def run(self, generation: GenerationRequest, asked: str) -> AsyncIterator[GenerationChunk]:
-        """The engine's chunks, with TTFT / inter-token / end-to-end metrics, token counters and a log line."""
+        """The engine's chunks, with TTFT / inter-token / end-to-end metrics, token counters, a trace span and a log
+        line; a failure is reported (Sentry, when configured)."""
         metrics = self.metrics
         labels = {"model": asked, "variant": generation.model}
         started = time.perf_counter()
         first = last = None
         metrics.running.inc()
         status = "error"
+        trace = self.tracer.generation(generation)
         try:
             async for chunk in self.engine.generate(generation):
                 moment = time.perf_counter()
                 if chunk.text:
+                    trace.add_text(chunk.text)
                     if first is None:
                         first = moment
+                        trace.first_token()
                         metrics.time_to_first_token.labels(**labels).observe(moment - started)
                     elif last is not None:
                         metrics.inter_token_latency.labels(**labels).observe(moment - last)
                     last = moment
                 if chunk.finish_reason:
+                    trace.finish(chunk.prompt_tokens, chunk.completion_tokens, chunk.finish_reason)
                     metrics.prompt_tokens.labels(**labels).inc(chunk.prompt_tokens)
                     metrics.generation_tokens.labels(**labels).inc(chunk.completion_tokens)
                 yield chunk
             status = "success"
+        except Exception as error:
+            self._failed(error, trace, generation, asked)
+            raise
         finally:
-            seconds = time.perf_counter() - started
-            metrics.running.dec()
-            metrics.requests.labels(status=status, **labels).inc()
-            metrics.e2e_latency.labels(**labels).observe(seconds)
-            log.info(
-                json.dumps(
-                    {
-                        "event": "request",
-                        "model": asked,
-                        "variant": generation.model,
-                        "status": status,
-                        "seconds": round(seconds, 4),
-                    }
-                )
+            trace.end()
+            self._done(labels, started, status)
+
+    def _failed(self, error: Exception, trace: GenerationTrace, generation: GenerationRequest, asked: str) -> None:
+        """An engine failure on the request's span and to Sentry, with what the client saw (a 503, a 500, or an
+        error event in a stream already under way) and never the prompt."""
+        trace.fail(error)
+        seen = "stream_error" if not generation.buffered else "503" if isinstance(error, TuneloopError) else "500"
+        report_exception(error, model=asked, variant=generation.model, engine=self.engine.name, status=seen)
+
+    def _done(self, labels: dict[str, str], started: float, status: str) -> None:
+        """A request's end: counters, end-to-end latency and its structured log line."""
+        seconds = time.perf_counter() - started
+        self.metrics.running.dec()
+        self.metrics.requests.labels(status=status, **labels).inc()
+        self.metrics.e2e_latency.labels(**labels).observe(seconds)
+        log.info(
+            json.dumps(
+                {
+                    "event": "request",
+                    "model": labels["model"],
+                    "variant": labels["variant"],
+                    "status": status,
+                    "seconds": round(seconds, 4),
+                }
             )
+        )
 
     # -- whole answers ----------------------------------------------------------------------------------------------
     async def complete(self, generation: GenerationRequest, body: AnyRequest, chat: bool, variant: str | None) -> dict:
@@ -212,9 +246,13 @@ class CompletionServing:
     # -- streams ----------------------------------------------------------------------------------------------------
     async def stream(
         self, generation: GenerationRequest, body: AnyRequest, chat: bool, variant: str | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[str | bytes]:
         """Server-sent events exactly as OpenAI sends them: per choice the role first and finish_reason last, chunks
         of the `n` choices interleaved as they come, optional usage, then [DONE]."""
+        if self.passes_through(body):
+            async for events in self._passthrough(generation, body, variant):
+                yield events
+            return
         identifier, created = new_id("chatcmpl" if chat else "cmpl"), now()
         self.feedback.served_response(identifier, body.model, variant)
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -249,6 +287,75 @@ class CompletionServing:
         if include_usage:
             yield event(None, usage_of(prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"
+
+    def passes_through(self, body: AnyRequest) -> bool:
+        """Whether the engine's own stream can reach the client as it is: an HTTP engine, one choice and no `echo`
+        (the gateway's only rewrites of a stream's content). Measured: parsing and re-serialising every chunk cost
+        the gateway 18% of vLLM's tokens/s at 32 users on a 2-core AVX2 CPU (docs/benchmarks.md)."""
+        echo = isinstance(body, CompletionRequest) and body.echo
+        return self.passthrough and self.engine.passthrough and body.n == 1 and not echo
+
+    async def _passthrough(
+        self, generation: GenerationRequest, body: AnyRequest, variant: str | None
+    ) -> AsyncIterator[bytes]:
+        """The engine's server-sent events forwarded as bytes, with the same metrics and log line as `run`: TTFT at
+        the first event with text, tokens from the engine's usage event (dropped when the client did not ask for
+        usage), the response id the engine gave (so feedback can name it)."""
+        metrics = self.metrics
+        labels = {"model": body.model, "variant": generation.model}
+        include_usage = body.include_usage()
+        started = time.perf_counter()
+        first = last = None
+        identified = False
+        metrics.running.inc()
+        status = "error"
+        trace = self.tracer.generation(generation)
+        try:
+            async for events in self.engine.stream_events(generation):
+                moment = time.perf_counter()
+                trace.read_events(events)
+                if not identified:
+                    identified = True
+                    found = _RESPONSE_ID.search(events)
+                    identifier = found.group(1).decode() if found else new_id("chatcmpl")
+                    self.feedback.served_response(identifier, body.model, variant)
+                if _TEXT_EVENT.search(events):
+                    if first is None:
+                        first = moment
+                        trace.first_token()
+                        metrics.time_to_first_token.labels(**labels).observe(moment - started)
+                    elif last is not None:
+                        metrics.inter_token_latency.labels(**labels).observe(moment - last)
+                    last = moment
+                if _USAGE.search(events):
+                    events = self._count_usage(events, labels, include_usage, trace)
+                if events:
+                    yield events
+            status = "success"
+        except Exception as error:  # the headers are sent: say it in the stream, as vLLM does, then end it
+            log.warning("stream for %s failed: %s", body.model, error)
+            self._failed(error, trace, generation, body.model)
+            yield f"data: {json.dumps(error_body(str(error), 'server_error', 'engine_error'))}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        finally:
+            trace.end()
+            self._done(labels, started, status)
+
+    def _count_usage(self, events: bytes, labels: dict[str, str], include_usage: bool, trace: GenerationTrace) -> bytes:
+        """Count the tokens of the usage event among `events`; drop that event when the client did not ask for it
+        and it carries no choice (the gateway asked the engine for usage on the client's behalf)."""
+        kept = []
+        for event in events.split(b"\n\n"):
+            if event.startswith(b"data: ") and _USAGE.search(event):
+                chunk = json.loads(event[6:])
+                usage = chunk.get("usage") or {}
+                trace.finish(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                self.metrics.prompt_tokens.labels(**labels).inc(usage.get("prompt_tokens", 0))
+                self.metrics.generation_tokens.labels(**labels).inc(usage.get("completion_tokens", 0))
+                if not include_usage and not chunk.get("choices"):
+                    continue
+            kept.append(event)
+        return b"\n\n".join(kept)
 
     async def _merged(self, runs: list[GenerationRequest], asked: str) -> AsyncIterator[tuple[int, GenerationChunk]]:
         """The chunks of several generations as they arrive, tagged with the choice index."""

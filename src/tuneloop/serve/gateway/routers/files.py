@@ -67,9 +67,5 @@ async def get_batch(batch_id: str, state: State) -> Any:
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, state: State) -> Any:
-    store = state.batches()
-    job: Any = not_found(store.get(batch_id), "batch", batch_id, "batch_id")
-    if job["status"] in ("validating", "in_progress"):
-        job["status"] = "cancelling"
-        store.save(job)
-    return job
+    # Only a job still validating or in progress becomes `cancelling`; whichever replica runs it then stops.
+    return not_found(state.batches().cancel(batch_id), "batch", batch_id, "batch_id")
