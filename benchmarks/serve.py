@@ -513,7 +513,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="overhead: alternated runs (default 3, quick 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: few requests and users, one repeat")
     parser.add_argument("--workspace", type=Path, help="reuse this folder (SmolLM2 and GGUFs converted once)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    parser.add_argument("--save", type=Path, help="also write the rows as JSON to this file")
     args = parser.parse_args()
 
     from tuneloop.device import cpu_description
@@ -549,8 +550,10 @@ def main() -> None:
             rows += step()
             print(f"  {name} took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     compare(rows)
+    report = {"cpu": cpu, "max_tokens": plan.max_tokens, "quick": plan.quick, "rows": [r.as_dict() for r in rows]}
+    if args.save:
+        args.save.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     if args.json:
-        report = {"cpu": cpu, "max_tokens": plan.max_tokens, "quick": plan.quick, "rows": [r.as_dict() for r in rows]}
         print(json.dumps(report, indent=2, default=str))
         return
     print_table(rows, cpu, plan)

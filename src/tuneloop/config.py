@@ -714,6 +714,12 @@ class ServeConfig(_Section):
         "per slot, the gateway's prompt bound); capped at the base model's own maximum (`max_position_embeddings`).",
     )
     max_batch_size: int = Field(8, ge=1, description="In-process engine: concurrent requests generated as one batch.")
+    batch_concurrency: int = Field(
+        64,
+        ge=1,
+        description="Requests of one Batches API job sent to the engine at once (the engine batches them; measured: "
+        "8 at a time gave vLLM-CPU 3.2 req/s, docs/benchmarks.md).",
+    )
     remote_urls: list[str] = Field(
         default_factory=list,
         description="`engine: remote`: OpenAI-compatible base URLs of the replicas (vLLM, llama-server, another tuneloop).",

@@ -53,7 +53,9 @@ def build_gateway(
     from tuneloop.serve.gateway.stores import open_stores
 
     settings = config.serve
-    stores = open_stores(settings.state_url, workspace.serve)  # first: a wrong serve.state_url fails before any engine
+    stores = open_stores(
+        settings.state_url, workspace.serve, settings.batch_concurrency
+    )  # first: a wrong serve.state_url fails before any engine
     variants = [variant for route in settings.routes.values() for variant in route.variants]
     wanted = [ref for ref in dict.fromkeys([*(models or settings.models), *variants]) if ref != config.model.base]
     chosen = engine or settings.engine

@@ -38,7 +38,7 @@ class BatchStore:
     """Files and batch jobs in `storage` (a workspace's `ServePaths`: local files), and the jobs this process runs."""
 
     def __init__(
-        self, storage: ServePaths | BatchBackend, concurrency: int = 8, lease_s: float = DEFAULT_LEASE_S
+        self, storage: ServePaths | BatchBackend, concurrency: int = 64, lease_s: float = DEFAULT_LEASE_S
     ) -> None:
         self.backend: BatchBackend = LocalBatchFiles(storage) if isinstance(storage, ServePaths) else storage
         self.concurrency = concurrency

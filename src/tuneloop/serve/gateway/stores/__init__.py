@@ -26,8 +26,8 @@ class GatewayStores:
     batches: BatchStore
 
 
-def open_stores(state_url: str | None, paths: ServePaths) -> GatewayStores:
-    """The stores for `serve.state_url` (None: local). Redis is reached once here, so a wrong URL or a server that
+def open_stores(state_url: str | None, paths: ServePaths, batch_concurrency: int = 64) -> GatewayStores:
+    """The stores for `serve.state_url` (None: local); a batch job runs `batch_concurrency` requests at once. Redis is reached once here, so a wrong URL or a server that
     is not up stops `tuneloop serve` at start with a TuneloopError naming the field."""
     from tuneloop.serve.gateway.batches import BatchStore
     from tuneloop.serve.gateway.feedback import FeedbackStore
@@ -36,14 +36,16 @@ def open_stores(state_url: str | None, paths: ServePaths) -> GatewayStores:
     if not state_url:
         from tuneloop.serve.gateway.stores.local import LocalTokenBuckets
 
-        return GatewayStores(LocalTokenBuckets(), FeedbackStore(paths.feedback), BatchStore(paths, lease_s=lease_s))
+        return GatewayStores(
+            LocalTokenBuckets(), FeedbackStore(paths.feedback), BatchStore(paths, batch_concurrency, lease_s)
+        )
     from tuneloop.serve.gateway.stores.redis_backend import RedisBatchFiles, RedisFeedback, RedisTokenBuckets, connect
 
     client = connect(state_url)
     return GatewayStores(
         RedisTokenBuckets(client),
         FeedbackStore(RedisFeedback(client)),
-        BatchStore(RedisBatchFiles(client), lease_s=lease_s),
+        BatchStore(RedisBatchFiles(client), batch_concurrency, lease_s),
     )
 
 
