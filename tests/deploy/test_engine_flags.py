@@ -12,6 +12,7 @@ import pytest
 from tests.deploy.conftest import REFERENCE, Version
 from tuneloop.config_file import load_config
 from tuneloop.deploy import target_module
+from tuneloop.serve.engines.precision import vllm_dtype
 from tuneloop.serve.launch import build_engine
 from tuneloop.workspace import Workspace
 
@@ -49,12 +50,15 @@ def test_deployed_engine_flags_equal_local_serving(
 ) -> None:
     command, files = local_command(registered_version, "vllm" if device == "gpu" else "llamacpp", monkeypatch)
     launcher = 3 if device == "gpu" else 1  # python -m vllm.entrypoints.openai.api_server | llama-server
+    serve_settings = load_config(registered_version.config, None).serve
     for target in TARGETS_BY_ENGINE[device]:
         out, manifest = deploy_folder(target, *THREADS)
         root = target_module(target).MODEL_ROOT
         expected = flags(command, launcher)
         for path, name in files.items():  # `--lora-modules NAME=PATH` holds a path inside a flag value
             expected = [part.replace(str(path), f"{root}/{name}") for part in expected]
+        if "--dtype" in expected:  # the one intended difference: a deploy leaves `auto` to the image's GPU
+            expected[expected.index("--dtype") + 1] = vllm_dtype(serve_settings, for_this_machine=False)
         deployed = manifest.engine_commands[device]
         assert flags(deployed, launcher) == expected, target
         assert manifest.model_root == root and (out / "model").is_dir()

@@ -290,8 +290,8 @@ class CompletionServing:
 
     def passes_through(self, body: AnyRequest) -> bool:
         """Whether the engine's own stream can reach the client as it is: an HTTP engine, one choice and no `echo`
-        (the gateway's only rewrites of a stream's content). Measured: parsing and re-serialising every chunk cost
-        the gateway 18% of vLLM's tokens/s at 32 users on a 2-core AVX2 CPU (docs/benchmarks.md)."""
+        (the gateway's only rewrites of a stream's content). Measured on 2 cores, vLLM float32, 32 users: 0.987x
+        direct tokens/s passed through vs 0.965x parsed (docs/benchmarks.md)."""
         echo = isinstance(body, CompletionRequest) and body.echo
         return self.passthrough and self.engine.passthrough and body.n == 1 and not echo
 
