@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tuneloop.errors import TuneloopError
 from tuneloop.net import closed_before_response
@@ -21,6 +21,8 @@ from tuneloop.serve.engines.base import Engine, GenerationChunk, GenerationReque
 
 if TYPE_CHECKING:
     import httpx
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -127,7 +129,15 @@ class RemoteEngine(Engine):
             return None
         return min(candidates, key=lambda i: self.replicas[i].in_flight)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        return self._failover(request, lambda replica: self._stream(replica, request))
+
+    async def _failover(
+        self, request: GenerationRequest, attempt: Callable[[Replica], AsyncIterator[T]]
+    ) -> AsyncIterator[T]:
+        """`attempt`'s items from the least busy replica whose circuit is closed; a replica failing before anything
+        reached the client is replaced by another (the same one again when only its pooled connection was stale);
+        after that, the request ends with an error. A buffered request holds its items until the attempt completed."""
         tried: set[int] = set()
         stale_retried = False
         while True:
@@ -138,14 +148,14 @@ class RemoteEngine(Engine):
             replica = self.replicas[index]
             replica.in_flight += 1
             delivered = False
-            held: list[GenerationChunk] = []
+            held: list[T] = []
             try:
-                async for chunk in self._stream(replica, request):
+                async for item in attempt(replica):
                     if request.buffered:
-                        held.append(chunk)  # the client gets nothing until the attempt completed
+                        held.append(item)  # the client gets nothing until the attempt completed
                     else:
                         delivered = True
-                        yield chunk
+                        yield item
                 replica.failures = 0
                 replica.served += 1
             except ReplicaFailed as failure:
@@ -159,8 +169,8 @@ class RemoteEngine(Engine):
                 continue  # nothing reached the client: retry on another replica
             finally:
                 replica.in_flight -= 1
-            for chunk in held:
-                yield chunk
+            for item in held:
+                yield item
             return
 
     def _failed(self, replica: Replica) -> None:
@@ -188,45 +198,23 @@ class RemoteEngine(Engine):
         body.update(self.request_overrides.get(request.model, {}))
         return body
 
-    async def stream_events(self, request: GenerationRequest) -> AsyncIterator[bytes]:
+    def stream_events(self, request: GenerationRequest) -> AsyncIterator[bytes]:
         """Pass-through streaming: the replica's server-sent events as bytes, each whole (ending in a blank line),
         with the replica's model name replaced by the served one where request_overrides renamed it. Failover as in
         `generate`: a replica failing before its first event is replaced by another; after it, the stream ends with
         an error."""
-        tried: set[int] = set()
-        stale_retried = False
         body = self.request_body(request)
         upstream = str(body["model"])
-        rename = (
-            (f'"model":{json.dumps(upstream)}'.encode(), f'"model":{json.dumps(request.model)}'.encode())
-            if upstream != request.model
-            else None
-        )
-        while True:
-            index = self._choose(tried)
-            if index is None:
-                raise TuneloopError("every replica failed or is cooling down")
-            tried.add(index)
-            replica = self.replicas[index]
-            replica.in_flight += 1
-            delivered = False
-            try:
-                async for events in self._raw_events(replica, request.messages is not None, body):
-                    delivered = True
-                    yield events if rename is None else events.replace(*rename)
-                replica.failures = 0
-                replica.served += 1
-                return
-            except ReplicaFailed as failure:
-                if isinstance(failure, StaleConnection) and not delivered and not stale_retried:
-                    stale_retried = True
-                    tried.discard(index)
-                    continue
-                self._failed(replica)
-                if delivered:
-                    raise TuneloopError(f"replica {replica.url} failed mid-stream") from None
-            finally:
-                replica.in_flight -= 1
+        chat = request.messages is not None
+        if upstream == request.model:
+            return self._failover(request, lambda replica: self._raw_events(replica, chat, body))
+        rename = (f'"model":{json.dumps(upstream)}'.encode(), f'"model":{json.dumps(request.model)}'.encode())
+
+        async def renamed(replica: Replica) -> AsyncIterator[bytes]:
+            async for events in self._raw_events(replica, chat, body):
+                yield events.replace(*rename)
+
+        return self._failover(request, renamed)
 
     async def _raw_events(self, replica: Replica, chat: bool, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """The replica's SSE stream cut at event boundaries (a network read may end mid-event)."""
