@@ -2,20 +2,21 @@
 re-serialising every chunk, and still counts tokens, measures TTFT, names the served model and lets the response be
 rated.
 
-The first tests drive RemoteEngine.stream_events over httpx.MockTransport (the network only: reads that end
+The first test drives RemoteEngine.stream_events against real replica servers on 127.0.0.1 (reads that end
 mid-event, a renamed model, a replica failing before its first byte); the last runs the real gateway over a real
 llama-server with SmolLM2-135M and a LoRA, with and without `serve.passthrough`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 
 from tests.serve.servers import start_serve, wait_ready
 from tests.tiny_model import save_random_lora
@@ -47,36 +48,50 @@ ANSWER = (
 )
 
 
-class Trickle(httpx.AsyncByteStream):
-    """The answer in 5-byte reads: events arrive cut anywhere, as TCP may deliver them."""
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for start in range(0, len(ANSWER), 5):
-            yield ANSWER[start : start + 5]
-
-
 @pytest.mark.anyio
 async def test_stream_events_are_whole_renamed_and_fail_over() -> None:
+    """Two real replica servers on 127.0.0.1: the first answers 503, the second trickles the answer in 5-byte
+    writes (events arrive cut anywhere, as TCP may deliver them)."""
     asked: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        asked.append(request.url.host)
-        if request.url.host == "down":
-            return httpx.Response(503)
-        body = json.loads(request.content)
+    async def models(_request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "base", "object": "model"}]})
+
+    async def down(_request: web.Request) -> web.Response:
+        asked.append("down")
+        return web.Response(status=503)
+
+    async def up(request: web.Request) -> web.StreamResponse:
+        asked.append("up")
+        body = await request.json()
         assert body["model"] == "base" and body["lora"] == [{"id": 0, "scale": 1.0}]
         assert body["stream_options"] == {"include_usage": True}
-        return httpx.Response(200, stream=Trickle())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for start in range(0, len(ANSWER), 5):
+            await response.write(ANSWER[start : start + 5])
+            await asyncio.sleep(0)
+        return response
 
-    engine = RemoteEngine(
-        ["http://down/v1", "http://up/v1"],
-        request_overrides={"adapter": {"model": "base", "lora": [{"id": 0, "scale": 1.0}]}},
-        transport=httpx.MockTransport(handler),
-    )
-    engine._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    request = GenerationRequest(model="adapter", messages=QUESTION, max_tokens=8)
-    received = [block async for block in engine.stream_events(request)]
-    await engine.stop()
+    runners, urls = [], []
+    for chat in (down, up):
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
+    engine = RemoteEngine(urls, request_overrides={"adapter": {"model": "base", "lora": [{"id": 0, "scale": 1.0}]}})
+    try:
+        await engine.start()
+        request = GenerationRequest(model="adapter", messages=QUESTION, max_tokens=8)
+        received = [block async for block in engine.stream_events(request)]
+    finally:
+        await engine.stop()
+        for runner in runners:
+            await runner.cleanup()
     assert asked == ["down", "up"]  # the 503 before the first byte was retried on the other replica
     assert all(block.endswith(b"\n\n") for block in received)  # never half an event
     text = b"".join(received)

@@ -1,19 +1,23 @@
 """RemoteEngine's circuit breaker and retries, replica by replica.
 
-httpx.MockTransport stands in for the network only, so that each replica fails exactly when a test says and the
-breaker's state machine (closed, open, half-open) is driven deterministically; everything above the transport is the
-real engine. tests/serve/test_remote.py covers the same engine against real replica processes.
+Each replica is a real aiohttp server on 127.0.0.1 whose next answers a test scripts (a 500, a connection reset
+before or after the first event, a keep-alive connection closed before answering), so the breaker's state machine
+(closed, open, half-open) is driven deterministically over real sockets; tests/serve/test_remote.py covers the same
+engine against real model servers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import httpx
 import pytest
+from aiohttp import web
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.engines.base import GenerationChunk, GenerationRequest
@@ -24,6 +28,10 @@ COOLDOWN = 0.2
 REPLICAS = ("replica-a", "replica-b")
 
 pytestmark = pytest.mark.anyio
+
+URL_NAMES: dict[str, str] = {}  # a replica server's /v1 URL -> its name in REPLICAS
+
+Handler = Callable[[str, web.Request], Awaitable[web.StreamResponse]]
 
 
 @pytest.fixture
@@ -42,15 +50,20 @@ def answer_from(replica: str) -> bytes:
     )
 
 
-class BreaksAfterFirstEvent(httpx.AsyncByteStream):
-    """A 200 whose connection drops after the first token has been sent."""
+def reset(request: web.Request) -> None:
+    """Drop the connection with a TCP reset (SO_LINGER 0), as a crashed or refusing replica does."""
+    sock = request.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    request.transport.abort()
 
-    def __init__(self, replica: str) -> None:
-        self.replica = replica
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield answer_from(self.replica).split(b"\n\n")[0] + b"\n\n"
-        raise httpx.ReadError("connection reset by peer")
+def gone() -> web.Response:
+    """What a handler returns once its connection is closed: aiohttp has nowhere to write it."""
+    return web.Response(status=599)
+
+
+def ok(replica: str) -> web.Response:
+    return web.Response(body=answer_from(replica), content_type="text/event-stream")
 
 
 @dataclass
@@ -60,21 +73,55 @@ class Replicas:
     scripts: dict[str, list[str]] = field(default_factory=lambda: {name: [] for name in REPLICAS})
     asked: list[str] = field(default_factory=list)
 
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        replica = request.url.host
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+    async def handle(self, replica: str, request: web.Request) -> web.StreamResponse:
         self.asked.append(replica)
         behaviour = self.scripts[replica].pop(0) if self.scripts[replica] else "ok"
-        if behaviour == "refuse":
-            raise httpx.ConnectError("connection refused", request=request)
-        if behaviour == "stale":  # httpx's words for a pooled keep-alive connection the server had closed
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        if behaviour == "refuse":  # reset before any answer: the replica failed
+            reset(request)
+            return gone()
+        if behaviour == "stale":  # closed cleanly before answering: what a pooled keep-alive connection looks like
+            request.transport.close()
+            return gone()
         if behaviour == "500":
-            return httpx.Response(500, json={"error": {"message": "boom"}})
-        if behaviour == "break":
-            return httpx.Response(200, stream=BreaksAfterFirstEvent(replica))
-        return httpx.Response(200, content=answer_from(replica), headers={"content-type": "text/event-stream"})
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        if behaviour == "break":  # the first event, then the connection drops
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(answer_from(replica).split(b"\n\n")[0] + b"\n\n")
+            await asyncio.sleep(0.05)
+            reset(request)
+            return gone()
+        return ok(replica)
+
+
+@asynccontextmanager
+async def replica_servers(handle: Handler) -> AsyncIterator[list[str]]:
+    """One real HTTP server per name in REPLICAS on 127.0.0.1, each answering /v1/models itself and passing chat
+    requests to `handle(name, request)`; yields their /v1 URLs in REPLICAS order."""
+    runners, urls = [], []
+    for name in REPLICAS:
+
+        async def chat(request: web.Request, name: str = name) -> web.StreamResponse:
+            return await handle(name, request)
+
+        async def models(_request: web.Request) -> web.Response:
+            return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
+        URL_NAMES[urls[-1]] = name
+    try:
+        yield urls
+    finally:
+        for runner in runners:
+            await runner.cleanup()
 
 
 @pytest.fixture
@@ -84,12 +131,11 @@ def replicas() -> Replicas:
 
 @pytest.fixture
 async def engine(replicas: Replicas) -> AsyncIterator[RemoteEngine]:
-    remote = RemoteEngine(
-        [f"http://{name}/v1" for name in REPLICAS], cooldown=COOLDOWN, transport=httpx.MockTransport(replicas.handle)
-    )
-    await remote.start()
-    yield remote
-    await remote.stop()
+    async with replica_servers(replicas.handle) as urls:
+        remote = RemoteEngine(urls, cooldown=COOLDOWN)
+        await remote.start()
+        yield remote
+        await remote.stop()
 
 
 def request(streamed: bool = False) -> GenerationRequest:
@@ -105,7 +151,7 @@ def text(chunks: list[GenerationChunk]) -> str:
 
 
 def replica_state(engine: RemoteEngine, name: str) -> dict:
-    return next(row for row in engine.stats()["replicas"] if row["url"] == f"http://{name}/v1")
+    return next(row for row in engine.stats()["replicas"] if URL_NAMES[row["url"]] == name)
 
 
 async def test_three_failures_open_the_circuit_and_traffic_moves(engine: RemoteEngine, replicas: Replicas) -> None:
@@ -232,30 +278,26 @@ async def test_half_open_engine_sends_one_probe_while_others_go_elsewhere() -> N
     asked: list[str] = []
     failing = {"replica-a": 3}
 
-    async def handle(request: httpx.Request) -> httpx.Response:
-        replica = request.url.host
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+    async def handle(replica: str, _request: web.Request) -> web.Response:
         asked.append(replica)
         if failing.get(replica, 0) > 0:
             failing[replica] -= 1
-            return httpx.Response(500, json={"error": {"message": "boom"}})
+            return web.json_response({"error": {"message": "boom"}}, status=500)
         if replica == "replica-a":
             await asyncio.sleep(0.3)  # a slow probe: the others arrive while it is in flight
-        return httpx.Response(200, content=answer_from(replica), headers={"content-type": "text/event-stream"})
+        return ok(replica)
 
-    engine = RemoteEngine(
-        [f"http://{name}/v1" for name in REPLICAS], cooldown=COOLDOWN, transport=httpx.MockTransport(handle)
-    )
-    await engine.start()
-    try:
-        for _ in range(3):  # three 500s open replica-a's circuit (each retried on replica-b)
-            await ask(engine)
-        await asyncio.sleep(COOLDOWN + 0.05)
-        asked.clear()
-        answers = await asyncio.gather(*(ask(engine) for _ in range(4)))
-        assert asked.count("replica-a") == 1 and asked.count("replica-b") == 3
-        assert sorted(text(chunks) for chunks in answers).count("hello from replica-a") == 1
-        assert not replica_state(engine, "replica-a")["open"]  # the probe succeeded: closed again
-    finally:
-        await engine.stop()
+    async with replica_servers(handle) as urls:
+        engine = RemoteEngine(urls, cooldown=COOLDOWN)
+        await engine.start()
+        try:
+            for _ in range(3):  # three 500s open replica-a's circuit (each retried on replica-b)
+                await ask(engine)
+            await asyncio.sleep(COOLDOWN + 0.05)
+            asked.clear()
+            answers = await asyncio.gather(*(ask(engine) for _ in range(4)))
+            assert asked.count("replica-a") == 1 and asked.count("replica-b") == 3
+            assert sorted(text(chunks) for chunks in answers).count("hello from replica-a") == 1
+            assert not replica_state(engine, "replica-a")["open"]  # the probe succeeded: closed again
+        finally:
+            await engine.stop()
