@@ -202,7 +202,9 @@ def registry_delete(
 @handles_errors
 def export(
     reference: Annotated[str, typer.Argument(help="NAME@alias, NAME/VERSION, a run id, or an adapter folder.")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="peft | merged | gguf | gguf-lora")] = "merged",
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", help="peft | merged | gguf | gguf-lora | gptq | awq (4-bit, for vLLM)")
+    ] = "merged",
     quant: Annotated[
         str,
         typer.Option(
@@ -210,18 +212,31 @@ def export(
         ),
     ] = "f16",
     out: Annotated[Path | None, typer.Option("--out", help="Output folder.")] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option("--calibration", help="gptq | awq: a data file to calibrate on (any format data prepare reads)."),
+    ] = None,
     config_file: ConfigOptionalOption = None,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Export a model: the PEFT adapter, merged safetensors (parity-checked), or GGUF (read back after writing)."""
+    """Export a model: the PEFT adapter, merged safetensors (parity-checked), GGUF (read back after writing), or
+    4-bit GPTQ/AWQ weights for vLLM (compressed-tensors; agreement with the unquantised model reported)."""
     quiet_libraries()
     from tuneloop.config_file import load_config
     from tuneloop.registry.export import export as export_model
     from tuneloop.workspace import Workspace
 
-    result = export_model(reference, fmt, quant, out, load_config(config_file), Workspace.from_env(workspace))
+    result = export_model(
+        reference, fmt, quant, out, load_config(config_file), Workspace.from_env(workspace), calibration
+    )
     if as_json:
         emit_json(result)
     else:
         stdout.print(f"exported {reference} as {fmt}: {result['path']}")
+        if "top1_agreement" in result:
+            stdout.print(
+                f"{result['scheme']} group {result['group_size']}: top-1 agreement {result['top1_agreement']:.3f}, "
+                f"mean KL {result['mean_kl']:.4f} on {result['held_out_texts']} held-out texts, "
+                f"{result['size_bytes'] / 2**20:.1f} MiB"
+            )

@@ -35,12 +35,11 @@ def write_report(
 
 
 def _histogram(lengths: list[int], max_seq_len: int, path: Path) -> None:
-    import matplotlib
+    # A Figure of its own, not pyplot: switching pyplot's backend would take inline plots from a notebook user.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 3.2), dpi=100)
+    figure = Figure(figsize=(7, 3.2), dpi=100)
+    axes = figure.subplots()
     axes.hist(lengths or [0], bins=min(50, max(5, len(set(lengths)))), color="#3b7dd8")
     axes.axvline(max_seq_len, color="#d8553b", linestyle="--", label=f"max_seq_len={max_seq_len}")
     axes.set_xlabel("tokens per row")
@@ -49,7 +48,6 @@ def _histogram(lengths: list[int], max_seq_len: int, path: Path) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
 def _markdown(

@@ -181,13 +181,11 @@ def _metric_bars(outcomes: list[Any], names: list[str]) -> bytes | None:
     ]
     if not unit:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
-    figure, axes = plt.subplots(figsize=(max(6, len(unit) * 0.9), 3.6), dpi=100)
+    figure = Figure(figsize=(max(6, len(unit) * 0.9), 3.6), dpi=100)
+    axes = figure.subplots()
     width = 0.8 / len(outcomes)
     positions = np.arange(len(unit))
     for index, outcome in enumerate(outcomes):
@@ -205,12 +203,10 @@ def _metric_bars(outcomes: list[Any], names: list[str]) -> bytes | None:
 def _length_histograms(outcomes: list[Any]) -> bytes | None:
     if not any(outcome.output_lengths for outcome in outcomes):
         return None
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.5, 3.2), dpi=100)
+    figure = Figure(figsize=(6.5, 3.2), dpi=100)
+    axes = figure.subplots()
     for outcome in outcomes:
         if outcome.output_lengths:
             axes.hist(outcome.output_lengths, bins=20, alpha=0.6, label=outcome.spec.label)
@@ -223,9 +219,8 @@ def _length_histograms(outcomes: list[Any]) -> bytes | None:
 
 
 def _png(figure: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
+    """The figure as PNG bytes. Figures are made with matplotlib.figure.Figure, not pyplot, so reports never switch
+    the process's plotting backend (a notebook keeps its inline plots)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    plt.close(figure)
     return buffer.getvalue()

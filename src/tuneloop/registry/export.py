@@ -1,6 +1,8 @@
 """Exports: `peft` (the adapter folder), `merged` (PEFT merge into full safetensors), `gguf` (llama.cpp's own
-converter on the merged model), `gguf-lora` (llama.cpp's LoRA converter). Every export is checked: merged logits
-equal adapter logits within tolerance; a GGUF file must read back with `gguf`.
+converter on the merged model), `gguf-lora` (llama.cpp's LoRA converter), `gptq` / `awq` (4-bit weights in the
+compressed-tensors format vLLM loads, by llm-compressor on the merged model). Every export is checked: merged logits
+equal adapter logits within tolerance; a GGUF file must read back with `gguf`; a GPTQ/AWQ checkpoint must reload to
+the logits it was saved with, and its top-1 agreement with the unquantised model on held-out texts is reported.
 
 The converters are llama.cpp's `convert_hf_to_gguf.py` / `convert_lora_to_gguf.py` with the gguf-py that ships
 beside them (PyPI's `gguf` lacks what current converters need). tuneloop takes them from the llama-cpp-python sdist
@@ -9,6 +11,7 @@ beside them (PyPI's `gguf` lacks what current converters need). tuneloop takes t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -25,18 +28,32 @@ from tuneloop.models import load_model, load_saved_tokenizer
 from tuneloop.registry.refs import ModelSpec, resolve_model_ref
 from tuneloop.workspace import Workspace
 
-ExportFormat = Literal["peft", "merged", "gguf", "gguf-lora"]
+ExportFormat = Literal["peft", "merged", "gguf", "gguf-lora", "gptq", "awq"]
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 CONVERTER_QUANTS = {"f16", "bf16", "f32", "q8_0"}  # what the converter writes itself; k-quants need llama-quantize
 
 
 def export(
-    reference: str, fmt: ExportFormat, quant: str, out: Path | None, config: LoopConfig, workspace: Workspace
+    reference: str,
+    fmt: ExportFormat,
+    quant: str,
+    out: Path | None,
+    config: LoopConfig,
+    workspace: Workspace,
+    calibration: Path | None = None,
 ) -> dict[str, Any]:
     """`tuneloop export`: a model reference (registry name, run id, folder) in `fmt`, into `out` (default: the
-    workspace's exports folder)."""
+    workspace's exports folder). `calibration`: the data source GPTQ/AWQ calibrate on (default: the config's first
+    data source)."""
     spec = resolve_model_ref(reference, config, workspace)
     target = workspace.ensure(out or workspace.export_dir(reference, fmt))
+    if fmt in ("gptq", "awq"):
+        with tempfile.TemporaryDirectory(dir=workspace.ensure(workspace.cache)) as scratch:
+            _merged(spec, Path(scratch) / "merged")
+            texts = write_calibration_texts(
+                calibration, config, Path(scratch) / "merged", Path(scratch) / "texts.jsonl"
+            )
+            return export_w4a16(Path(scratch) / "merged", target, fmt, texts)
     if fmt == "peft":
         return export_peft(_adapter_or_error(spec, "a full model, not an adapter", "merged or gguf"), target)
     if fmt == "merged":
@@ -214,3 +231,73 @@ def _run_converter(tools: Path, script: str, arguments: list[str]) -> None:
     )
     if result.returncode != 0:
         raise TuneloopError(f"{script} failed: {result.stderr.strip()[-800:]}")
+
+
+QUANT_SCRIPT = Path(__file__).with_name("w4a16_quantize.py")
+QUANTIZATION_REPORT = "tuneloop_quantization.json"
+CALIBRATION_TEXTS = 144  # 128 to calibrate on + 16 held out for the agreement check (the script's defaults)
+
+
+def default_quant_python() -> Path:
+    return Path(os.environ.get("TUNELOOP_QUANT_PYTHON", ".venv-quant/bin/python"))
+
+
+def write_calibration_texts(source: Path | None, config: LoopConfig, model_folder: Path, out: Path) -> Path:
+    """The first CALIBRATION_TEXTS rows of `source` (any file `tuneloop data prepare` reads), each rendered as the
+    model sees it in training (chat rows through its chat template), one `{"text"}` per line of `out`."""
+    from tuneloop.config import SourceConfig
+    from tuneloop.data.formats import RowError, detect_format, normalise, prepare_record
+    from tuneloop.data.sources import read_records
+
+    if source is None:
+        raise TuneloopError(
+            "--format gptq/awq calibrates on sample texts",
+            hint="pass --calibration FILE (any data file tuneloop reads)",
+        )
+    if not source.exists():
+        raise TuneloopError(f"calibration data {source} does not exist", hint="pass --calibration FILE")
+    tokenizer = load_saved_tokenizer(model_folder)
+    records = [record.data for record in read_records(source, limit=CALIBRATION_TEXTS * 2) if record.error is None]
+    fmt = detect_format(records[:50], str(source))
+    source_config = SourceConfig(path=str(source))
+    texts = []
+    for record in records:
+        try:
+            messages, kind = normalise(prepare_record(record, source_config), fmt, source_config)
+        except (RowError, KeyError, TypeError):
+            continue
+        turns = [{"role": message.role, "content": message.content} for message in messages]
+        texts.append(turns[0]["content"] if kind == "text" else tokenizer.apply_chat_template(turns, tokenize=False))
+        if len(texts) == CALIBRATION_TEXTS:
+            break
+    if len(texts) < 32:
+        raise TuneloopError(
+            f"{source}: {len(texts)} usable rows for calibration; GPTQ/AWQ need at least 32 (144 are used)",
+            hint="pass a larger --calibration file",
+        )
+    out.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return out
+
+
+def export_w4a16(merged_folder: Path, out: Path, method: Literal["gptq", "awq"], calibration: Path) -> dict[str, Any]:
+    """4-bit weights by `method` through llm-compressor, run by the quantisation virtualenv (w4a16_quantize.py)."""
+    python = default_quant_python()
+    if not python.exists():
+        raise TuneloopError(
+            f"--format {method} runs llm-compressor from its own virtualenv; {python} is missing",
+            hint="run `make quant` (creates .venv-quant), or set $TUNELOOP_QUANT_PYTHON",
+        )
+    command = [str(python), str(QUANT_SCRIPT), str(merged_folder), str(out), "--method", method]
+    completed = subprocess.run(
+        [*command, "--calibration", str(calibration)], capture_output=True, text=True, env=_quiet_env()
+    )
+    if completed.returncode != 0:
+        raise TuneloopError(f"{method} quantisation failed: {completed.stderr.strip()[-1500:]}")
+    summary = {"format": method, "path": str(out), **json.loads(completed.stdout.strip().splitlines()[-1])}
+    # Kept beside the weights: what 4 bits cost this model is worth knowing wherever the folder goes.
+    (out / QUANTIZATION_REPORT).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _quiet_env() -> dict[str, str]:
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "LOGURU_LEVEL": "WARNING"}
