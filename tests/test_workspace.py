@@ -22,6 +22,7 @@ LAYOUT_NAMES = (
     "lineage.json",
     "quarantine.jsonl",
     "feedback.jsonl",
+    "traffic.jsonl",
     "mlflow.db",
     "sweeps.db",
     "registry.lock",

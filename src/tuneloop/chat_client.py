@@ -1,8 +1,9 @@
 """Chat completions from any OpenAI-compatible endpoint (a tuneloop gateway, llama-server, vLLM, OpenAI itself),
 many prompts at once: what evaluation uses for API models, judges and engine-backed generation.
 
-Greedy (temperature 0), concurrent (a thread pool over the `openai` client, which retries 429/5xx with backoff),
-results in prompt order. A request that still fails is raised with the endpoint and the prompt's index.
+Greedy (temperature 0) unless asked to sample, concurrent (a thread pool over the `openai` client, which retries
+429/5xx with backoff), results in prompt order. A request that still fails is raised with the endpoint and the
+prompt's index.
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ def chat_generate(
     max_retries: int = 3,
     progress: Callable[[int], None] | None = None,
     keep_failures: bool = False,
+    temperature: float = 0.0,
+    seed: int | None = None,
 ) -> list[ChatAnswer]:
-    """Greedy answers to `prompts` (message lists), in order; `progress(1)` after each one. A request that still
-    fails after the client's retries raises, or with `keep_failures` becomes an answer carrying its `error`."""
+    """Answers to `prompts` (message lists), in order, greedy unless `temperature` > 0 (`seed`: the request's
+    sampling seed, prompt i sending seed + i); `progress(1)` after each one. A request that still fails after the
+    client's retries raises, or with `keep_failures` becomes an answer carrying its `error`."""
     from openai import OpenAI, OpenAIError
 
     client = OpenAI(
@@ -70,7 +74,8 @@ def chat_generate(
                 model=endpoint.model,
                 messages=prompts[index],  # type: ignore[arg-type]
                 max_tokens=max_new_tokens,
-                temperature=0,
+                temperature=temperature,
+                **({} if seed is None else {"seed": seed + index}),  # unset: no `seed` field sent
                 stop=stop or None,
                 extra_body=endpoint.extra_body,
             )

@@ -11,7 +11,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-SourceFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+SourceFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference"]
+TrainMethod = Literal["lora", "qlora", "full", "dpo", "orpo"]
+PREFERENCE_METHODS = ("dpo", "orpo")
 
 
 class _Section(BaseModel):
@@ -64,7 +66,9 @@ class SourceConfig(_Section):
         description=(
             "Row format: `alpaca` (instruction/input/output), `sharegpt` (conversations of from/value), `messages` "
             "(OpenAI role/content), `prompt_completion` (prompt + completion|response), `text` (plain text, loss on "
-            "everything). `auto` detects it from the rows and reports what it found."
+            "everything), `preference` (prompt/chosen/rejected pairs for `train.method: dpo|orpo`, TRL's standard, "
+            "conversational and implicit-prompt layouts and LLaMA-Factory's sharegpt ranking layout). `auto` detects "
+            "it from the rows and reports what it found."
         ),
     )
     columns: dict[str, str] = Field(
@@ -128,6 +132,70 @@ class FiltersConfig(_Section):
     toxicity: ToxicityFilter = Field(default_factory=ToxicityFilter)
 
 
+SynthMode = Literal["self-instruct", "answer"]
+
+
+class SynthConfig(_Section):
+    """Read by `tuneloop data synth`: how a served teacher model writes new instruction data. Its output passes
+    `data.filters` (duplicates and near-duplicates against the seeds and itself, toxicity, token length)."""
+
+    mode: SynthMode = Field(
+        "self-instruct",
+        description="`self-instruct`: the teacher writes new instructions from sampled seed tasks, then answers them "
+        "(Self-Instruct / Alpaca). `answer`: the seed rows are prompts; the teacher answers them. `--mode` overrides.",
+    )
+    output_format: Literal["alpaca", "messages"] = Field(
+        "alpaca", description="Rows written: `alpaca` (instruction/input/output) or `messages` (user + assistant)."
+    )
+    seed_tasks_per_prompt: int = Field(
+        3, ge=1, le=20, description="Seed tasks shown to the teacher as examples in each instruction-writing request."
+    )
+    instructions_per_request: int = Field(
+        5, ge=1, le=50, description="New instructions asked for in each instruction-writing request."
+    )
+    instruction_template: str | None = Field(
+        None,
+        description="The instruction-writing prompt, with `{examples}` (the numbered seed tasks) and `{count}` (how "
+        "many to write) in it; unset: the built-in Self-Instruct-style template (`tuneloop.data.synth_prompts`).",
+    )
+    answer_system: str | None = Field(
+        None,
+        description="A system prompt sent to the teacher with every answer request (not written into the rows).",
+    )
+    temperature: float = Field(
+        0.7, ge=0, le=2, description="Sampling temperature of instruction writing (diversity of new tasks)."
+    )
+    answer_temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of answers (0: greedy).")
+    max_new_tokens: int = Field(
+        512, ge=16, description="Token budget of one instruction-writing reply (all its numbered tasks)."
+    )
+    answer_max_new_tokens: int = Field(512, ge=1, description="Token budget of one answer.")
+    drop_truncated_answers: bool = Field(
+        True, description="Drop answers the teacher stopped at `answer_max_new_tokens` (cut off mid-way)."
+    )
+    instruction_similarity: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="Drop a new instruction whose ROUGE-L F-measure with a seed or an already accepted instruction "
+        "reaches this (Self-Instruct's rule).",
+    )
+    concurrency: int = Field(4, ge=1, le=256, description="Requests in flight at once (`--concurrency` overrides).")
+    max_rounds: int = Field(
+        10, ge=1, description="Self-instruct: most rounds of write-filter-answer before stopping short of `--num`."
+    )
+    seed: int = Field(0, description="Seed of the seed-task sampling and of the teacher's sampling (request `seed`).")
+
+    @field_validator("instruction_template")
+    @classmethod
+    def _template_has_placeholders(cls, value: str | None) -> str | None:
+        if value is not None:
+            missing = [name for name in ("{examples}", "{count}") if name not in value]
+            if missing:
+                raise ValueError(f"must contain {' and '.join(missing)}")
+        return value
+
+
 class DataConfig(_Section):
     """Read by `tuneloop data prepare`: sources, filters, rendering, split, tokenization and packing."""
 
@@ -158,6 +226,23 @@ class DataConfig(_Section):
         "assistant", description="Which tokens carry loss: the assistant's turns only (default) or every token."
     )
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Worker processes that parse, filter and tokenize rows (`null`: the CPU cores available). The prepared "
+            "dataset is the same whatever the number; small sources (under ~8k rows) stay in one process."
+        ),
+    )
+    shard_rows: int = Field(
+        50_000,
+        ge=1,
+        description=(
+            "Rows per parquet shard of the prepared dataset (`train-00000-of-00003.parquet`, ...; one shard keeps the "
+            "name `train.parquet`). Packing runs within each shard's rows, so memory stays bounded on large sources."
+        ),
+    )
 
     @field_validator("packing_length")
     @classmethod
@@ -316,13 +401,54 @@ class EvalGenerateConfig(_Section):
         return [f"eval_{name}" for group in self.metrics for name in GENERATION_METRIC_NAMES[group]]
 
 
+DpoLossType = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]  # fmt: skip
+
+
+class PreferenceConfig(_Section):
+    """Preference tuning (`train.method: dpo | orpo`): TRL's own knobs (same names) and where training starts."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO: how far the policy may move from the reference model (higher stays closer; TRL's `beta`). "
+        "ORPO: the weight of the odds-ratio term next to the SFT loss (the paper's lambda; TRL's `beta`).",
+    )
+    loss_type: DpoLossType = Field(
+        "sigmoid",
+        description="DPO's loss (TRL's `loss_type`): `sigmoid` (the DPO paper), `ipo`, `hinge`, `robust`, `apo_zero`, "
+        "... Ignored by ORPO.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="DPO: assumed share of flipped preference labels (robust/cDPO losses)."
+    )
+    parent: str | None = Field(
+        None,
+        description="Where training starts: a finished SFT run id, a registry version (`NAME/3`, `NAME@champion`) "
+        "or a PEFT adapter folder. Its LoRA adapter is trained further (so the result is one adapter on the base, "
+        "served and evaluated like any other) and, for DPO, a frozen copy of it is the reference model. Unset: a new "
+        "LoRA adapter (`train.lora`) on the base, which is then the reference.",
+    )
+    quantize: bool = Field(
+        False,
+        description="Load the base in 4-bit NF4 under the adapter (QLoRA-style preference tuning; needs the same "
+        "4-bit backend as `method: qlora`).",
+    )
+
+
 class TrainConfig(_Section):
     """Read by `tuneloop train`: method, optimisation, evaluation, checkpoints, tracking and sweeps."""
 
-    method: Literal["lora", "qlora", "full"] = Field(
-        "lora", description="`lora` (PEFT adapter), `qlora` (adapter on a 4-bit NF4 base), or `full` fine-tuning."
+    method: TrainMethod = Field(
+        "lora",
+        description="`lora` (PEFT adapter), `qlora` (adapter on a 4-bit NF4 base), `full` fine-tuning, or preference "
+        "tuning of a LoRA adapter on preference data: `dpo` (TRL's DPOTrainer) or `orpo` (TRL's ORPOTrainer); see "
+        "`train.preference`.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     epochs: float | Literal["auto"] = Field(
         "auto",
         description=(
@@ -444,6 +570,27 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"keep_best needs save_every ({self.save_every}) to be a multiple of eval_every ({self.eval_every}); "
                 "change one of them or set keep_best: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _preference_settings_fit_the_method(self) -> TrainConfig:
+        if self.method not in PREFERENCE_METHODS:
+            if self.preference.parent is not None or self.preference.quantize:
+                raise ValueError(
+                    f"train.preference.parent/quantize apply to `method: dpo | orpo`, not {self.method!r}; "
+                    "remove them or change the method"
+                )
+            return self
+        if self.eval_generate is not None:
+            raise ValueError(
+                f"train.eval_generate does not run with method {self.method}: preference tuning logs its own "
+                "validation metrics (eval_rewards/margins, eval_rewards/accuracies); turn eval_generate off"
+            )
+        if self.distributed.strategy != "ddp":
+            raise ValueError(
+                f"method {self.method} runs single-process or under ddp, not {self.distributed.strategy}; "
+                "set train.distributed.strategy: ddp"
             )
         return self
 
@@ -824,6 +971,13 @@ class ServeConfig(_Section):
         False,
         description="Attach request bodies (prompts) and the stack frames' local variables (which may hold prompts "
         "and answers) to Sentry events; off by default.",
+    )
+    log_traffic: bool = Field(
+        False,
+        description="Append every served response (prompt messages or text, answer, model, A/B variant, finish "
+        "reason, tokens) under its response id to the workspace's `serve/traffic.jsonl`, which `tuneloop data "
+        "from-feedback` joins to the ratings. It stores users' prompts and answers in plain text: turn it on only "
+        "where that is allowed, and rotate or delete the file as your retention rules say.",
     )
     engine_metrics: bool = Field(
         True,

@@ -101,6 +101,8 @@ def dataset_inputs(config: LoopConfig, source_hashes: list[str], tokenizer_ident
     """What names a prepared dataset. Source paths are left out (their content is in), so moving a file keeps the
     cache; the tokenizer's identity covers `model.base` and `model.chat_template` as far as they change tokens."""
     data = config.section_dump("data")
+    data.pop("synth", None)  # how `data synth` writes source files; it never changes how sources are prepared
+    data.pop("num_proc", None)  # worker processes: the prepared rows are the same whatever the number
     for source in data["sources"]:
         source.pop("path")
     return {

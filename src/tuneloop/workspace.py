@@ -2,14 +2,15 @@
 
 Layout (default `./.tuneloop`, or `$TUNELOOP_HOME`, or `--workspace`):
 
-    datasets/<dataset_id>/          DatasetPaths: manifest.json, {train,val}.{parquet,jsonl}, quarantine.jsonl, report.*
+    datasets/<dataset_id>/          DatasetPaths: manifest.json, {train,val}.{parquet,jsonl} (parquet sharded past
+                                    data.shard_rows), quarantine.jsonl, report.*, _scratch/ while building
     runs/<run_id>/                  RunPaths: run.json, summary.json, config.json, history.json, pipeline.json,
                                     cost.md, adapter/ | model/, checkpoints/, tensorboard/, eval/<report>/ (EvalPaths)
     evals/<report>/                 EvalPaths of models that are not training runs (base, folders, registry names)
     registry/<name>/<version>/      VersionPaths: lineage.json, README.md (the model card)
     models/<name>/                  base models converted from GGUF to safetensors (once)
     exports/<reference>-<format>/   `tuneloop export` results
-    serve/                          ServePaths: feedback.jsonl, files/, batches/, engine logs
+    serve/                          ServePaths: feedback.jsonl, traffic.jsonl, files/, batches/, engine logs
     sweeps/<study>.json, sweeps.db  Optuna sweeps
     cache/                          built-in data, gguf/ conversions, vllm-zero-lora/, registry-downloads/
     mlflow.db, mlartifacts/         the MLflow tracking + registry store (SQLite default)
@@ -62,6 +63,14 @@ class DatasetPaths:
     def conversations(self, split: str) -> Path:
         """The normalised conversations of `split`, with their source and line."""
         return self.root / f"{split}.jsonl"
+
+    def parquet_shard(self, split: str, index: int, count: int) -> Path:
+        """Shard `index` of `count` of `split`'s tokenized samples; a single shard is `parquet(split)`."""
+        if count <= 1:
+            return self.parquet(split)
+        return self.root / f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+    scratch = _child("_scratch", "Intermediate files while the dataset is prepared (spilled rows, MinHash bands).")
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,7 @@ class ServePaths:
     root: Path
 
     feedback = _child("feedback.jsonl")
+    traffic = _child("traffic.jsonl", "Served prompts and answers by response id (`serve.log_traffic`).")
     files = _child("files", "Uploaded files of the OpenAI Files API (metadata + content).")
     batches = _child("batches", "Batch jobs of the OpenAI Batches API.")
 

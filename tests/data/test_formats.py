@@ -116,11 +116,11 @@ def test_detect_format(rows: list[dict], expected: str) -> None:
     assert detect_format(rows, "src") == expected
 
 
-def test_detect_rejects_unknown_and_preference_data() -> None:
+def test_detect_rejects_unknown_data_and_finds_preference_data() -> None:
     with pytest.raises(DataError, match="cannot detect the format"):
         detect_format([{"question": "a", "answer": "b"}], "src.jsonl")
-    with pytest.raises(DataError, match="preference"):
-        detect_format([{"prompt": "a", "chosen": "b", "rejected": "c"}], "src.jsonl")
+    # preference pairs are their own format now (tests/data/test_preference_format.py)
+    assert detect_format([{"prompt": "a", "chosen": "b", "rejected": "c"}], "src.jsonl") == "preference"
 
 
 def test_column_mapping_defaults_and_value_map() -> None:

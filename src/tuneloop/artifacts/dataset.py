@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -17,6 +18,9 @@ class SourceInfo(ArtifactPart):
     format: str = Field(description="Row format used (detected when the config said `auto`).")
     rows_read: int
     rows_usable: int
+    provenance: dict[str, Any] | None = Field(
+        None, description="The sidecar provenance next to the file (`FILE.provenance.json`), as its generator wrote it."
+    )
 
 
 class Counts(ArtifactPart):
@@ -64,6 +68,9 @@ class ModelInfo(ArtifactPart):
 
 class DatasetManifest(JsonArtifact):
     dataset_id: str
+    kind: Literal["sft", "preference"] = Field(
+        "sft", description="`sft`: tokenized rows with labels; `preference`: prompt/chosen/rejected pairs (DPO/ORPO)."
+    )
     created_at: str
     tuneloop_version: str
     pipeline_version: int
@@ -77,10 +84,19 @@ class DatasetManifest(JsonArtifact):
     packing: PackingInfo
     tokenizer: TokenizerInfo
     train_on: str
+    shards: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Parquet files of each split, in row order, relative to the dataset folder (empty: `<split>.parquet`).",
+    )
 
     @property
     def source_hashes(self) -> list[str]:
         return list(self.fingerprint_inputs.get("sources", []))
+
+    @property
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """Each source's sidecar provenance, by configured path (sources without one left out)."""
+        return {source.configured_path: source.provenance for source in self.sources if source.provenance}
 
 
 @dataclass
@@ -101,6 +117,22 @@ class PreparedDataset:
     def has_validation(self) -> bool:
         return self.manifest.counts.val_rows > 0
 
+    def parquet_files(self, split: str) -> list[Path]:
+        """The tokenized samples of `split` ("train" or "val"): its shards in row order (datasets prepared before
+        sharding have one `<split>.parquet`)."""
+        names = self.manifest.shards.get(split)
+        if not names:
+            return [self.paths.parquet(split)]
+        return [self.paths.root / name for name in names]
+
+    def read_table(self, split: str, columns: list[str] | None = None) -> Any:
+        """All of `split`'s tokenized samples as one pyarrow table (for evaluation-sized splits; training streams the
+        shards through `datasets`)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        return pa.concat_tables([pq.read_table(path, columns=columns) for path in self.parquet_files(split)])
+
     def summary(self) -> dict[str, Any]:
         """The machine-readable summary printed by `tuneloop data prepare --json`."""
         counts = self.manifest.counts
@@ -114,6 +146,7 @@ class PreparedDataset:
             "rows_read": counts.rows_read,
             "quarantined": counts.quarantined,
             "filtered": counts.filtered,
+            "kind": self.manifest.kind,
             "detected_formats": {source.path: source.format for source in self.manifest.sources},
             "tokens": self.manifest.tokens.model_dump(),
             "report": str(self.paths.report_html),

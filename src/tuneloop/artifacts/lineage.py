@@ -28,6 +28,12 @@ class DataLineage(ArtifactPart):
     sources: list[SourceLineage] = Field(default_factory=list)
     source_sha256: list[str] = Field(default_factory=list)
     counts: dict[str, Any] = Field(default_factory=dict)
+    kind: str = Field("sft", description="`sft` rows or `preference` pairs (DPO/ORPO).")
+    provenance: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Each source's sidecar provenance by path, as its generator wrote it (e.g. the feedback window "
+        "of `tuneloop data from-feedback`, the teacher of `tuneloop data synth`).",
+    )
 
 
 class TrainingLineage(ArtifactPart):
@@ -73,3 +79,11 @@ class Lineage(JsonArtifact):
     libraries: dict[str, str | None] = Field(default_factory=dict)
     git_commit: str | None
     artifact: str = Field(description="The adapter or model folder of the run.")
+    parent: dict[str, Any] | None = Field(
+        None,
+        description="Preference tuning: the model the run started from (`reference`, `run_id`, registry `version`, "
+        "`adapter`); None when it started from the base.",
+    )
+    preference: dict[str, Any] | None = Field(
+        None, description="Preference tuning: `beta`, `loss_type`, and what the reference model was."
+    )

@@ -55,6 +55,14 @@ class TrainResult(JsonArtifact):
     metric_for_best: str | None = Field(None, description="What keep-best compared (`train.metric_for_best`).")
     best_metric: float | None = Field(None, description="Its value at the kept checkpoint (keep-best on).")
     best_step: int | None = Field(None, description="The step whose checkpoint was kept (keep-best on).")
+    parent: dict[str, Any] | None = Field(
+        None,
+        description="Preference tuning: the model it started from (`reference` as configured, `run_id`, registry "
+        "`version`, `adapter`); None for runs that started from the base.",
+    )
+    preference: dict[str, Any] | None = Field(
+        None, description="Preference tuning (DPO/ORPO): `beta`, `loss_type` and what the reference model was."
+    )
 
     @property
     def output(self) -> Path:

@@ -48,14 +48,14 @@ def drop_near_duplicates(samples: list[Sample], config: NearDuplicateFilter) -> 
     """MinHash LSH over word n-gram shingles; the first row of a near-duplicate group is kept."""
     from datasketch import MinHash, MinHashLSH
 
-    shingle_sets = _without_boilerplate([_shingles(normalised_text(sample), config.ngram) for sample in samples])
+    shingle_sets = _without_boilerplate([shingles(normalised_text(sample), config.ngram) for sample in samples])
     # MinHash.bulk hashes every row in vectorised numpy batches: ~10x faster than update() per shingle.
     minhashes = MinHash.bulk(shingle_sets, num_perm=config.num_perm, seed=1)
     # LSH finds candidates (its banding cannot represent thresholds near 1); each is confirmed by its estimated Jaccard.
     index = MinHashLSH(threshold=min(config.threshold, 0.9), num_perm=config.num_perm)
     kept, rejected = [], []
-    for position, (sample, minhash, shingles) in enumerate(zip(samples, minhashes, shingle_sets, strict=True)):
-        if not shingles:
+    for position, (sample, minhash, row_shingles) in enumerate(zip(samples, minhashes, shingle_sets, strict=True)):
+        if not row_shingles:
             kept.append(sample)
             continue
         candidates = index.query(minhash)
@@ -85,7 +85,8 @@ def _without_boilerplate(shingle_sets: list[list[bytes]], max_share: float = 0.5
     return [[shingle for shingle in shingles if shingle not in common] for shingles in shingle_sets]
 
 
-def _shingles(text: str, ngram: int) -> list[bytes]:
+def shingles(text: str, ngram: int) -> list[bytes]:
+    """The distinct word `ngram`s of a normalised text (the whole text when shorter), as MinHash input."""
     words = _WORD.findall(text)
     if len(words) < ngram:
         return [" ".join(words).encode("utf-8")] if words else []

@@ -7,6 +7,7 @@
 | `messages`          | `messages: [{role, content}]` (OpenAI; content may be a list of parts)  |
 | `prompt_completion` | `prompt` + `completion` (or `response`); strings or message lists       |
 | `text`              | `text`: plain text, every token trained (continued pre-training)        |
+| `preference`        | `chosen` + `rejected` (+ `prompt`, or `conversations`): pairs for DPO/ORPO (`data/preference.py`) |
 
 Every row becomes a `Sample`: a list of messages `{role, content, train}` plus its provenance. A row that does not
 fit its format raises `RowError` with a reason (`missing_field` or `malformed`) that lands in quarantine.
@@ -22,7 +23,7 @@ from typing import Any
 from tuneloop.config import SourceConfig
 from tuneloop.errors import DataError
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference")
 
 SHAREGPT_ROLES = {
     "system": "system",
@@ -75,16 +76,23 @@ def detect_format(records: Iterable[dict[str, Any]], source: str) -> str:
     """Guess a source's format from the keys of its first rows."""
     keys: Counter[str] = Counter()
     seen = 0
+    labels: list[Any] = []
     for record in records:
         if isinstance(record, dict):
             keys.update(record.keys())
             seen += 1
+            labels.append(record.get("label"))
     if seen == 0:
         raise DataError(f"{source}: no JSON-object rows to detect the format from", hint="set data.sources[].format")
     present = {key for key, count in keys.items() if count >= max(1, seen // 2)}
     if {"chosen", "rejected"} <= present:
+        return "preference"
+    if "label" in present and present & {"messages", "completion", "conversations"} and _boolean(labels):
         raise DataError(
-            f"{source}: looks like preference (DPO) data (chosen/rejected); supervised fine-tuning needs one answer per row",
+            f"{source}: looks like KTO data (one answer per row with a true/false `label`); tuneloop trains on paired "
+            "preferences (chosen/rejected), not unpaired KTO labels",
+            hint="pair a good and a bad answer to the same prompt as {prompt, chosen, rejected} rows "
+            "(train.method: dpo | orpo), or drop the label column and keep the good rows for supervised fine-tuning",
         )
     if "conversations" in present:
         return "sharegpt"
@@ -102,6 +110,11 @@ def detect_format(records: Iterable[dict[str, Any]], source: str) -> str:
         + ", ".join(FORMATS)
         + " and map columns with data.sources[].columns",
     )
+
+
+def _boolean(values: list[Any]) -> bool:
+    present = [value for value in values if value is not None]
+    return bool(present) and all(isinstance(value, bool) for value in present)
 
 
 def prepare_record(record: Any, source_config: SourceConfig) -> dict[str, Any]:

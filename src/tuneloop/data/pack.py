@@ -47,23 +47,33 @@ def packing_length(setting: int | str, longest_row: int, max_seq_len: int) -> in
 
 def pack(rows: list[tuple[list[int], list[int]]], max_len: int) -> list[PackedSample]:
     """Best-fit-decreasing bin packing of (input_ids, labels) rows into samples of at most `max_len` tokens."""
-    too_long = [len(ids) for ids, _ in rows if len(ids) > max_len]
+    bins: list[PackedSample] = []
+    for members in bin_rows([len(ids) for ids, _ in rows], max_len):
+        bins.append(PackedSample())
+        for index in members:
+            bins[-1].add(*rows[index])
+    return bins
+
+
+def bin_rows(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Best-fit-decreasing on row lengths alone: the row indices of each packed sample, in the order they are placed
+    (`pack` builds the samples from them; the sharded writer packs numpy arrays with the same assignment)."""
+    too_long = [size for size in lengths if size > max_len]
     if too_long:
         raise ValueError(f"{len(too_long)} row(s) exceed max_len={max_len}; truncate or filter them first")
-    order = sorted(range(len(rows)), key=lambda index: (-len(rows[index][0]), index))
-    bins: list[PackedSample] = []
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    bins: list[list[int]] = []
     # (remaining capacity, bin index), kept sorted so the tightest bin that fits is found by bisection.
     free: list[tuple[int, int]] = []
     for index in order:
-        input_ids, labels = rows[index]
-        size = len(input_ids)
+        size = lengths[index]
         slot = bisect.bisect_left(free, (size, -1))
         if slot == len(free):
-            bins.append(PackedSample())
+            bins.append([])
             bin_index, remaining = len(bins) - 1, max_len
         else:
             remaining, bin_index = free.pop(slot)
-        bins[bin_index].add(input_ids, labels)
+        bins[bin_index].append(index)
         if remaining - size > 0:
             bisect.insort(free, (remaining - size, bin_index))
     return bins

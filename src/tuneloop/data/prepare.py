@@ -2,7 +2,9 @@
 dataset artifact in the workspace, named by a content fingerprint.
 
 Artifact layout (`<workspace>/datasets/<dataset_id>/`):
-    train.parquet, val.parquet   tokenized samples (input_ids, labels[, position_ids, seq_lengths])
+    train.parquet, val.parquet   tokenized samples (input_ids, labels[, position_ids, seq_lengths]); a split of more
+                                 than `data.shard_rows` rows is sharded: train-00000-of-00004.parquet, ... (the
+                                 manifest's `shards` lists them; `PreparedDataset.parquet_files` reads them)
     train.jsonl, val.jsonl       the normalised conversations with their source and line (for eval and humans)
     quarantine.jsonl             every rejected row: source, line, row, reason, detail, the row itself
     manifest.json                counts, token statistics, detected formats, tokenizer identity, config
@@ -15,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,11 +30,11 @@ from tuneloop import __version__
 from tuneloop.artifacts.dataset import DatasetManifest, PreparedDataset
 from tuneloop.config import DataConfig, LoopConfig, SourceConfig
 from tuneloop.data import demo
+from tuneloop.data.chunks import quarantine_entry
 from tuneloop.data.filters import Rejection, drop_exact_duplicates, drop_near_duplicates, drop_toxic
-from tuneloop.data.formats import RowError, Sample, detect_format, normalise, prepare_record
-from tuneloop.data.pack import pack, packing_efficiency, packing_length
-from tuneloop.data.render import ChatRenderer, Rendered, RenderedText, truncate
-from tuneloop.data.sources import BUILTIN_PREFIX, RawRecord, read_records
+from tuneloop.data.formats import Sample
+from tuneloop.data.render import Rendered
+from tuneloop.data.sources import BUILTIN_PREFIX, RawRecord
 from tuneloop.errors import ConfigError, DataError
 from tuneloop.keys import DATASET_PIPELINE_VERSION, dataset_inputs, dataset_key, tree_sha256
 from tuneloop.models import chat_template_source, configured_base, load_tokenizer, tokenizer_fingerprint
@@ -50,7 +51,6 @@ FILTER_REASONS = (
     "no_trainable_tokens",
     "render_error",
 )
-_ENCODE_BATCH = 2048
 
 
 def prepare_dataset(
@@ -142,7 +142,8 @@ def _source_path(config: LoopConfig, source: SourceConfig, workspace: Workspace)
 
 @dataclass
 class _Build:
-    """One preparation run; holds the quarantine and counters while stages run."""
+    """One preparation run. SFT data is built streamed (`sft_build`); the in-memory stages below serve the
+    preference build (`preference.build_preference`), whose pair datasets are small."""
 
     config: LoopConfig
     data: DataConfig
@@ -152,59 +153,15 @@ class _Build:
     filtered: Counter[str] = field(default_factory=Counter)
     sample_for_report: dict[str, Any] | None = None
     token_lengths: list[int] = field(default_factory=list)
-    _packing_efficiency: float | None = None
-    _packing_length: int | None = None
 
     def run(self, source_paths: list[Path], out: DatasetPaths) -> dict[str, Any]:
-        with self._progress() as progress:
-            samples, sources_info = self._read_all(source_paths, progress)
-            rows_read = sum(info["rows_read"] for info in sources_info)
-            samples = self._filter(samples, progress)
-            rendered = self._tokenize(samples, progress)
-        train_pairs, val_pairs = self._split(rendered)
-        train_samples = self._write_splits(out, train_pairs, val_pairs)
-        self._write_quarantine(out)
-        kept_lengths = [len(item.input_ids) for _, item in train_pairs + val_pairs]
-        trainable = sum(item.num_trainable for _, item in train_pairs + val_pairs)
-        tokens = {
-            "total": sum(kept_lengths),
-            "trainable": trainable,
-            "max": max(kept_lengths, default=0),
-            "mean": round(statistics.fmean(kept_lengths), 1) if kept_lengths else 0,
-            "p50": _percentile(kept_lengths, 50),
-            "p95": _percentile(kept_lengths, 95),
-            "truncated_rows": sum(1 for _, item in train_pairs + val_pairs if item.truncated),
-        }
-        self.token_lengths = kept_lengths
-        self.sample_for_report = self._report_sample(train_pairs or val_pairs)
-        return {
-            "sources": sources_info,
-            "counts": {
-                "rows_read": rows_read,
-                "kept": len(train_pairs) + len(val_pairs),
-                "train_rows": len(train_pairs),
-                "val_rows": len(val_pairs),
-                "train_samples": train_samples,
-                "quarantined": len(self.quarantine),
-                "filtered": {reason: self.filtered.get(reason, 0) for reason in FILTER_REASONS},
-            },
-            "tokens": tokens,
-            "packing": {
-                "enabled": self.data.packing,
-                "max_seq_len": self.data.max_seq_len,
-                "efficiency": self._packing_efficiency,
-                "length": self._packing_length,
-            },
-            "tokenizer": {
-                "class": type(self.tokenizer).__name__,
-                "eos_token": self.tokenizer.eos_token,
-                "eos_token_id": self.tokenizer.eos_token_id,
-                "pad_token": self.tokenizer.pad_token,
-                "pad_token_id": self.tokenizer.pad_token_id,
-                "pad_equals_eos": self.tokenizer.pad_token_id == self.tokenizer.eos_token_id,
-            },
-            "train_on": self.data.train_on,
-        }
+        from tuneloop.data.preference import build_preference, check_not_mixed, source_kinds
+
+        if check_not_mixed(self.data.sources, source_kinds(self.data.sources, source_paths)):
+            return build_preference(self, source_paths, out)  # pairs for DPO/ORPO: data/preference.py
+        from tuneloop.data.sft_build import build_sft
+
+        return build_sft(self, source_paths, out)  # streamed, in worker processes, sharded: data/sft_build.py
 
     def _progress(self) -> Progress:
         return Progress(
@@ -217,51 +174,7 @@ class _Build:
             transient=False,
         )
 
-    # -- stage 1: read and normalise ---------------------------------------------------------------------------
-    def _read_all(self, source_paths: list[Path], progress: Progress) -> tuple[list[Sample], list[dict[str, Any]]]:
-        samples: list[Sample] = []
-        info: list[dict[str, Any]] = []
-        for source_config, path in zip(self.data.sources, source_paths, strict=True):
-            task = progress.add_task(f"read {path.name}", total=None)
-            records = list(read_records(path, source_config.split, source_config.limit))
-            fmt = source_config.format
-            prepared: list[tuple[RawRecord, dict[str, Any] | None]] = []
-            for record in records:
-                if record.error is not None:
-                    self._reject(record, "malformed", record.error)
-                    prepared.append((record, None))
-                    continue
-                try:
-                    prepared.append((record, prepare_record(record.data, source_config)))
-                except RowError as error:
-                    self._reject(record, error.reason, error.detail)
-                    prepared.append((record, None))
-            if fmt == "auto":
-                fmt = detect_format((row for _, row in prepared[:200] if row is not None), str(path))
-                self.console.print(f"[cyan]{path.name}[/]: detected format [bold]{fmt}[/]")
-            before = len(samples)
-            for record, row in prepared:
-                if row is None:
-                    continue
-                try:
-                    messages, kind = normalise(row, fmt, source_config)
-                except RowError as error:
-                    self._reject(record, error.reason, error.detail)
-                    continue
-                samples.append(Sample(messages, kind, str(path), record.row, record.line, raw=record.data))
-            progress.update(task, total=len(records), completed=len(records))
-            info.append(
-                {
-                    "path": str(path),
-                    "configured_path": source_config.path,
-                    "format": fmt,
-                    "rows_read": len(records),
-                    "rows_usable": len(samples) - before,
-                }
-            )
-        return samples, info
-
-    # -- stage 2: quality filters -----------------------------------------------------------------------------
+    # -- quality filters (in memory) ---------------------------------------------------------------------------
     def _filter(self, samples: list[Sample], progress: Progress) -> list[Sample]:
         filters = self.data.filters
         steps: list[tuple[str, Any]] = []
@@ -278,39 +191,7 @@ class _Build:
             progress.update(task, completed=progress.tasks[task].total)
         return samples
 
-    # -- stage 3: render, tokenize, length filters --------------------------------------------------------------
-    def _tokenize(self, samples: list[Sample], progress: Progress) -> list[tuple[Sample, Rendered]]:
-        renderer = ChatRenderer(self.tokenizer, self.data.train_on)
-        filters = self.data.filters
-        max_tokens = filters.max_tokens or (None if self.data.truncation else self.data.max_seq_len)
-        task = progress.add_task("render + tokenize", total=len(samples))
-        kept: list[tuple[Sample, Rendered]] = []
-        for start in range(0, len(samples), _ENCODE_BATCH):
-            batch: list[tuple[Sample, RenderedText]] = []
-            for sample in samples[start : start + _ENCODE_BATCH]:
-                try:
-                    batch.append((sample, renderer.render_text(sample)))
-                except RowError as error:
-                    self._reject_samples([Rejection(sample, error.reason, error.detail)])
-            encoded = renderer.encode([text for _, text in batch])
-            for (sample, _), rendered in zip(batch, encoded, strict=True):
-                size = len(rendered.input_ids)
-                if size < filters.min_tokens:
-                    reason, detail = "too_short", f"{size} tokens < min_tokens={filters.min_tokens}"
-                elif max_tokens is not None and size > max_tokens:
-                    reason, detail = "too_long", f"{size} tokens > {max_tokens}"
-                else:
-                    rendered = truncate(rendered, self.data.max_seq_len)
-                    if rendered.num_trainable == 0:
-                        reason, detail = "no_trainable_tokens", "no token carries loss (after truncation)"
-                    else:
-                        kept.append((sample, rendered))
-                        continue
-                self._reject_samples([Rejection(sample, reason, detail)])
-            progress.update(task, completed=min(start + _ENCODE_BATCH, len(samples)))
-        return kept
-
-    # -- stage 4: split, pack, write ------------------------------------------------------------------------------
+    # -- split, quarantine -----------------------------------------------------------------------------------
     def _split(self, rendered: list[tuple[Sample, Rendered]]) -> tuple[list[Any], list[Any]]:
         order = list(range(len(rendered)))
         random.Random(self.data.seed).shuffle(order)
@@ -327,101 +208,15 @@ class _Build:
         val = [rendered[i] for i in sorted(val_index)]
         return train, val
 
-    def _write_splits(self, out: DatasetPaths, train: list[Any], val: list[Any]) -> int:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        def conversations(pairs: list[tuple[Sample, Rendered]], path: Path) -> None:
-            with path.open("w", encoding="utf-8") as handle:
-                for sample, _ in pairs:
-                    row = {
-                        "messages": [{"role": m.role, "content": m.content} for m in sample.messages],
-                        "kind": sample.kind,
-                        "source": sample.source,
-                        "line": sample.line,
-                        "row": sample.row,
-                    }
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-        conversations(train, out.conversations("train"))
-        conversations(val, out.conversations("val"))
-
-        def unpacked_table(pairs: list[tuple[Sample, Rendered]]) -> Any:
-            return pa.table(
-                {
-                    "input_ids": [item.input_ids for _, item in pairs],
-                    "labels": [item.labels for _, item in pairs],
-                    "source": [sample.source for sample, _ in pairs],
-                    "row": [sample.row for sample, _ in pairs],
-                },
-                schema=pa.schema(
-                    [
-                        ("input_ids", pa.list_(pa.int32())),
-                        ("labels", pa.list_(pa.int32())),
-                        ("source", pa.string()),
-                        ("row", pa.int64()),
-                    ]
-                ),
-            )
-
-        pq.write_table(unpacked_table(val), out.parquet("val"))
-        if not self.data.packing:
-            pq.write_table(unpacked_table(train), out.parquet("train"))
-            return len(train)
-        longest = max((len(item.input_ids) for _, item in train), default=1)
-        self._packing_length = packing_length(self.data.packing_length, longest, self.data.max_seq_len)
-        packed = pack([(item.input_ids, item.labels) for _, item in train], self._packing_length)
-        self._packing_efficiency = round(packing_efficiency(packed, self._packing_length), 4)
-        table = pa.table(
-            {
-                "input_ids": [sample.input_ids for sample in packed],
-                "labels": [sample.labels for sample in packed],
-                "position_ids": [sample.position_ids for sample in packed],
-                "seq_lengths": [sample.seq_lengths for sample in packed],
-            },
-            schema=pa.schema(
-                [
-                    ("input_ids", pa.list_(pa.int32())),
-                    ("labels", pa.list_(pa.int32())),
-                    ("position_ids", pa.list_(pa.int32())),
-                    ("seq_lengths", pa.list_(pa.int32())),
-                ]
-            ),
-        )
-        pq.write_table(table, out.parquet("train"))
-        return len(packed)
-
     def _write_quarantine(self, out: DatasetPaths) -> None:
         with out.quarantine.open("w", encoding="utf-8") as handle:
             for entry in self.quarantine:
                 handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
 
-    def _report_sample(self, pairs: list[tuple[Sample, Rendered]]) -> dict[str, Any] | None:
-        if not pairs:
-            return None
-        sample, rendered = pairs[0]
-        pieces = [self.tokenizer.decode([token]) for token in rendered.input_ids]
-        return {
-            "source": sample.source,
-            "line": sample.line,
-            "tokens": pieces,
-            "trained": [label != -100 for label in rendered.labels],
-        }
-
     # -- quarantine -----------------------------------------------------------------------------------------------
     def _reject(self, record: RawRecord, reason: str, detail: str) -> None:
         self.filtered[reason] += 1
-        self.quarantine.append(
-            {
-                "source": record.source,
-                "line": record.line,
-                "row": record.row,
-                "reason": reason,
-                "detail": detail,
-                "data": record.data if record.error is None else None,
-                "raw": record.raw_text,
-            }
-        )
+        self.quarantine.append(quarantine_entry(record, reason, detail))
 
     def _reject_samples(self, rejections: list[Rejection]) -> None:
         for rejection in rejections:

@@ -38,7 +38,10 @@ def read_records(path: Path, split: str | None = None, limit: int | None = None)
     reader = _reader_for(path)
     count = 0
     try:
-        for record in reader(path, split):
+        records = reader(path, split)
+        if path.suffix.lower() == ".json":
+            records = _labelstudio_rows(list(records))
+        for record in records:
             yield record
             count += 1
             if limit is not None and count >= limit:
@@ -51,6 +54,21 @@ def read_records(path: Path, split: str | None = None, limit: int | None = None)
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
     if count == 0:
         raise DataError(f"{path}: the file holds no rows", hint="check the path, or remove the empty source")
+
+
+def _labelstudio_rows(records: list[RawRecord]) -> Iterator[RawRecord]:
+    """A Label Studio JSON export (tasks with `data` and `annotations`) read as the rows its annotations make
+    (`data.labelstudio`); a task that makes none keeps the reason, for quarantine. Other JSON passes unchanged."""
+    from tuneloop.data.labelstudio import converted_records, is_export
+
+    if not is_export([record.data for record in records[:20]]):
+        yield from records
+        return
+    for record, (row, dropped) in zip(records, converted_records([r.data for r in records]), strict=True):
+        if row is None:
+            yield RawRecord(record.source, record.row, record.line, error=dropped, raw_text=json.dumps(record.data))
+        else:
+            yield RawRecord(record.source, record.row, record.line, data=row)
 
 
 def _reader_for(path: Path) -> Any:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from tuneloop.artifacts._json import write_json
+from tuneloop.artifacts.labelstudio import annotation_time, annotator, read_export
 from tuneloop.artifacts.ratings import (
     HIGHEST_SCORE,
     LOWEST_SCORE,
@@ -148,14 +147,7 @@ def import_export(export_file: Path, eval_dir: Path) -> ImportResult:
             f"no Label Studio key in {eval_dir}", hint="export the tasks with `tuneloop rate export-labelstudio` first"
         )
     key = json.loads(paths.labelstudio_key.read_text(encoding="utf-8"))
-    try:
-        tasks = json.loads(export_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{export_file} does not exist") from None
-    except ValueError as error:
-        raise DataError(f"{export_file} is not JSON: {error}") from None
-    if not isinstance(tasks, list):
-        raise DataError(f"{export_file} is not a Label Studio JSON export", hint="export the project as JSON (a list)")
+    tasks = read_export(export_file)
     ratings, cancelled = [], 0
     for task in tasks:
         item = (task.get("data") or {}).get("item")
@@ -211,8 +203,8 @@ def _rating(
     if mode == "pairwise" and preference is None:
         raise DataError(f"{where}: no {PREFERENCE} chosen", hint="the labeling config makes it required")
     return HumanRating(
-        time=_timestamp(annotation),
-        rater=_annotator(annotation.get("completed_by")),
+        time=annotation_time(annotation),
+        rater=annotator(annotation.get("completed_by")),
         row_id=entry["row_id"],
         mode=mode,
         answers=answers,
@@ -221,24 +213,6 @@ def _rating(
         note="\n".join(notes).strip(),
         source=source,
     )
-
-
-def _annotator(completed_by: Any) -> str:
-    """Label Studio's user id (an int), or the user object some exports carry: the e-mail when there is one."""
-    if isinstance(completed_by, dict):
-        return str(completed_by.get("email") or f"labelstudio-user-{completed_by.get('id')}")
-    return f"labelstudio-user-{completed_by}"
-
-
-def _timestamp(annotation: dict[str, Any]) -> float:
-    for field in ("updated_at", "created_at"):
-        stamp = annotation.get(field)
-        if isinstance(stamp, str):
-            try:
-                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-    return time.time()
 
 
 def _prompt_text(row: EvaluatedRow) -> str:

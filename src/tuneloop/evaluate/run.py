@@ -241,10 +241,8 @@ def _eval_rows(
 
 
 def _load_rows(prepared: PreparedDataset, split: str, limit: int | None, label: str | None = None) -> EvalRows:
-    import pyarrow.parquet as pq
-
     conversations = [json.loads(line) for line in prepared.paths.conversations(split).read_text().splitlines()]
-    tokenized = pq.read_table(prepared.paths.parquet(split), columns=["input_ids", "labels"]).to_pylist()
+    tokenized = prepared.read_table(split, columns=["input_ids", "labels"]).to_pylist()
     prompts, references, kept = [], [], []
     for conversation, row in zip(conversations, tokenized, strict=True):
         messages = conversation["messages"]

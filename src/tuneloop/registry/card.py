@@ -40,8 +40,7 @@ def render_model_card(name: str, version: int, lineage: Lineage, license_name: s
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {name} v{version}", ""]
     lines += [
-        f"A {'LoRA adapter' if method == 'lora' else 'QLoRA adapter' if method == 'qlora' else 'fully fine-tuned model'}"
-        f" for `{base}`, trained with tuneloop (run `{lineage.run_id}`).",
+        f"A {_describe_method(method)} for `{base}`, trained with tuneloop (run `{lineage.run_id}`).",
         "",
         "## Intended use",
         "",
@@ -141,3 +140,9 @@ def render_model_card(name: str, version: int, lineage: Lineage, license_name: s
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _describe_method(method: str) -> str:
+    """What the version is, in words: the adapter kinds by training method, else a fully fine-tuned model."""
+    adapters = {"lora": "LoRA", "qlora": "QLoRA", "dpo": "DPO-tuned LoRA", "orpo": "ORPO-tuned LoRA"}
+    return f"{adapters[method]} adapter" if method in adapters else "fully fine-tuned model"

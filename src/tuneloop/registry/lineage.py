@@ -21,7 +21,7 @@ from tuneloop.artifacts.lineage import (
 from tuneloop.artifacts.training import RunRecord, TrainResult
 from tuneloop.workspace import RunPaths, Workspace
 
-LIBRARIES = ("tuneloop", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "mlflow")
+LIBRARIES = ("tuneloop", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "mlflow")
 
 
 def collect_lineage(run: RunPaths, workspace: Workspace) -> Lineage:
@@ -50,17 +50,26 @@ def collect_lineage(run: RunPaths, workspace: Workspace) -> Lineage:
             ],
             source_sha256=manifest.source_hashes if manifest else [],
             counts=manifest.counts.model_dump() if manifest else {},
+            kind=manifest.kind if manifest else "sft",
+            provenance=manifest.provenance if manifest else {},
         ),
         config=config,
         training=training,
+        # A run without validation (common for small preference sets) has no eval_loss: left out, not recorded as 0.
         metrics=_flat_eval_metrics(evaluation)
-        | {"train_loss": result.train_loss or 0.0, "eval_loss": result.eval_loss or 0.0},
+        | {
+            name: loss
+            for name, loss in (("train_loss", result.train_loss), ("eval_loss", result.eval_loss))
+            if loss is not None
+        },
         evaluation=evaluation,
         chat_template=_read(artifact / "chat_template.jinja"),
         generation_config=json.loads(_read(artifact / "generation_config.json") or "{}"),
         libraries={name: _version(name) for name in LIBRARIES} | {"python": platform.python_version()},
         git_commit=git_commit(),
         artifact=str(artifact),
+        parent=result.parent,
+        preference=result.preference,
     )
 
 

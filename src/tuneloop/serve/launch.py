@@ -51,6 +51,7 @@ def build_gateway(
     from tuneloop.serve.gateway.app import create_app
     from tuneloop.serve.gateway.routing import Router
     from tuneloop.serve.gateway.stores import open_stores
+    from tuneloop.serve.gateway.traffic import TrafficLog
 
     settings = config.serve
     stores = open_stores(
@@ -74,6 +75,7 @@ def build_gateway(
         workspace=workspace,
         registry=_registry_opener(config, workspace),
         rubric=config.eval.rubric,
+        traffic_log=TrafficLog(workspace.serve.traffic) if settings.log_traffic else None,
     )
     return Gateway(app, engine_instance, host or settings.host, port or settings.port)
 

@@ -37,6 +37,9 @@ class CountingCollator:
 def load_splits(prepared: PreparedDataset) -> tuple[Any, Any | None]:
     from datasets import Dataset
 
-    train = Dataset.from_parquet(str(prepared.paths.parquet("train")))
-    val = Dataset.from_parquet(str(prepared.paths.parquet("val"))) if prepared.has_validation else None
+    def split(name: str) -> Any:
+        return Dataset.from_parquet([str(path) for path in prepared.parquet_files(name)])  # shards, in row order
+
+    train = split("train")
+    val = split("val") if prepared.has_validation else None
     return train, val

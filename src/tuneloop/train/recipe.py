@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from rich.console import Console
 
 from tuneloop.artifacts.dataset import PreparedDataset
 from tuneloop.artifacts.training import RunRecord, TrainResult
-from tuneloop.config import DataConfig, LoopConfig, TrainConfig, flatten
+from tuneloop.config import PREFERENCE_METHODS, DataConfig, LoopConfig, TrainConfig, flatten
 from tuneloop.data.prepare import prepare_dataset
 from tuneloop.device import (
     Precision,
@@ -63,6 +64,7 @@ class _Run:
     estimate: MemoryEstimate
     compile: bool
     threads: int
+    parent: Any = None  # preference tuning: the `train.preference.Parent` it starts from
 
 
 def _quiet() -> Console:
@@ -121,25 +123,43 @@ def _train(
     run = _setup_run(config, workspace, prepared, resume, run_id, console)
     set_error_context(run_id=run.record.run_id, model=config.model.base, method=config.train.method, rank=global_rank())
     tokenizer = load_tokenizer(run.base, config.chat_template_spec())
-    model, model_memory_mb = _setup_model(config.train, run.base, run.precision, run.compile, run.threads)
-    train_data, val_data, collator = _setup_data(config.data, prepared, pad_token_id(tokenizer))
+    preference = config.train.method in PREFERENCE_METHODS  # DPO/ORPO: model, data and trainer from preference.py
+    if preference:
+        from tuneloop.train import preference as pref
+        from tuneloop.train.inputs import TokenCounter
+
+        model, model_memory_mb, peft_config = pref.setup_model(
+            config.train, run.base, run.precision, run.threads, run.parent
+        )
+        train_data, val_data = pref.load_splits(prepared)
+        counter = TokenCounter()
+    else:
+        model, model_memory_mb = _setup_model(config.train, run.base, run.precision, run.compile, run.threads)
+        train_data, val_data, collator = _setup_data(config.data, prepared, pad_token_id(tokenizer))
+        counter = collator.counter
     schedule = plan_schedule(config.train, len(train_data), world_size())
     if is_main_process():
         console.print(f"schedule: {schedule.describe()}")
     tracker = _setup_tracking(config, workspace, run, prepared) if _tracks_mlflow(config.train) else None
     from tuneloop.train.callbacks import RichProgressCallback, ThroughputCallback
 
-    throughput = ThroughputCallback(collator.counter)
+    throughput = ThroughputCallback(counter)
     progress = RichProgressCallback(console, throughput)
-    # eval.labels / eval.answer_regex say how an answer is read (for accuracy and exact match) in training too.
-    task_metrics = _setup_task_metrics(
-        config.train, prepared, tokenizer, config.eval.labels, config.eval.answer_regex, progress
-    )
-    trainer = _setup_trainer(
-        config.train, schedule, model, run, train_data, val_data, collator,
-        _setup_callbacks(config.train, throughput, progress, val_data is not None, tracker, callbacks),
-        task_metrics,
-    )  # fmt: skip
+    chosen_callbacks = _setup_callbacks(config.train, throughput, progress, val_data is not None, tracker, callbacks)
+    if preference:
+        arguments = partial(_training_arguments, config.train, schedule, run.paths, run.precision, val_data is not None)
+        trainer = pref.setup_trainer(
+            config, arguments, model, peft_config, tokenizer, train_data, val_data, chosen_callbacks, counter
+        )
+        model = trainer.model  # TRL wraps the base in the new adapter
+    else:
+        # eval.labels / eval.answer_regex say how an answer is read (for accuracy and exact match) in training too.
+        task_metrics = _setup_task_metrics(
+            config.train, prepared, tokenizer, config.eval.labels, config.eval.answer_regex, progress
+        )
+        trainer = _setup_trainer(
+            config.train, schedule, model, run, train_data, val_data, collator, chosen_callbacks, task_metrics
+        )
     if is_main_process():
         run.record.save(run.paths.record)
     try:
@@ -170,7 +190,7 @@ def _setup_run(
     settings = config.train
     precision = resolve_precision(settings.precision)
     quantization = None
-    if settings.method == "qlora":
+    if settings.method == "qlora" or (settings.method in PREFERENCE_METHODS and settings.preference.quantize):
         from tuneloop.train.quant import require_four_bit_backend
 
         quantization = require_four_bit_backend().describe()
@@ -185,8 +205,17 @@ def _setup_run(
     warning = preflight(estimate, available, settings.preflight, host_offload=not has_gpu())
     if warning and not quiet:
         console.print(f"[yellow]warning:[/] {warning}")
+    parent = None
+    if settings.method in PREFERENCE_METHODS:
+        from tuneloop.train.preference import describe, resolve_parent
+
+        parent = resolve_parent(config, workspace, base_weights)
+        if not quiet:
+            console.print(describe(settings, parent))
     record, checkpoint = open_run(config, workspace, base_weights, prepared.dataset_id, resume, run_id, console)
     compiled, compile_reason = compile_decision(settings, has_gpu(), world_size())
+    if settings.method in PREFERENCE_METHODS:
+        compiled, compile_reason = False, "TRL's preference trainers run their own forward"
     threads = training_threads(settings.num_threads, local_world_size())
     if not quiet:
         console.print(
@@ -198,7 +227,9 @@ def _setup_run(
             + (f", resuming from {checkpoint.name}" if checkpoint else "")
         )
     paths = workspace.run(record.run_id)
-    return _Run(record, paths, checkpoint, base, base_weights, precision, quantization, estimate, compiled, threads)
+    return _Run(
+        record, paths, checkpoint, base, base_weights, precision, quantization, estimate, compiled, threads, parent
+    )
 
 
 def estimate_for(
@@ -215,11 +246,14 @@ def estimate_for(
         seq_len = prepared.manifest.packing.length or config.data.max_seq_len
     else:
         seq_len = max(prepared.manifest.tokens.p95, 1)
+    method, batch_size = settings.method, settings.batch_size
+    if method in PREFERENCE_METHODS:  # an adapter whose batches hold each pair's two answers
+        method, batch_size = ("qlora" if settings.preference.quantize else "lora"), batch_size * 2
     return estimate_memory(
         AutoConfig.from_pretrained(base.source, trust_remote_code=base.trust_remote_code),
-        settings.method,
+        method,
         settings.lora.r,
-        settings.batch_size,
+        batch_size,
         seq_len,
         precision,
         settings.gradient_checkpointing,
@@ -366,6 +400,8 @@ def _setup_tracking(config: LoopConfig, workspace: Workspace, run: _Run, prepare
         "tuneloop.precision": run.precision.name,
         "tuneloop.quantization": run.quantization or "none",
     }
+    if run.parent is not None:
+        tags["tuneloop.parent"] = run.parent.run_id or run.parent.reference
     run.record.mlflow_run_id = tracker.start_run(run.record.run_id, params, tags)
     return MlflowCallback(tracker, run.record.mlflow_run_id, config.train.system_metrics)
 
@@ -423,8 +459,16 @@ def _computes_supervised_logits_only(settings: TrainConfig, model: Any) -> bool:
 
 
 def _training_arguments(
-    settings: TrainConfig, schedule: Schedule, paths: RunPaths, precision: Precision, has_val: bool
+    settings: TrainConfig,
+    schedule: Schedule,
+    paths: RunPaths,
+    precision: Precision,
+    has_val: bool,
+    arguments_class: Any = None,
+    **extra: Any,
 ) -> Any:
+    """`train.*` as Hugging Face training arguments: `TrainingArguments`, or a subclass (TRL's DPOConfig) given as
+    `arguments_class` with its own fields in `extra` (which also override the defaults here)."""
     from transformers import TrainingArguments
 
     trackers = [name for name in settings.report_to if name != "mlflow"]
@@ -433,7 +477,7 @@ def _training_arguments(
     if "tensorboard" in trackers:  # set, not defaulted: each run (each sweep trial) logs into its own folder
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)
     use_16bit_autocast = settings.method != "qlora" or precision.name != "fp32"
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(paths.checkpoints),
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size * 2,  # no gradients or optimizer state: twice the rows fit
@@ -467,6 +511,7 @@ def _training_arguments(
         use_cpu=not has_gpu(),
         **trainer_arguments(settings, world_size(), has_gpu(), precision.name),
     )
+    return (arguments_class or TrainingArguments)(**{**arguments, **extra})
 
 
 def _mark_failed(run: _Run, tracker: Any) -> None:
@@ -524,6 +569,7 @@ def _finalize(
         metric_for_best=config.train.metric_for_best if config.train.keep_best else None,
         best_metric=trainer.state.best_metric if config.train.keep_best else None,
         best_step=trainer.state.best_global_step if config.train.keep_best else None,
+        **_preference_fields(config.train, run.parent),
     )
     if not is_main_process():
         return result
@@ -539,6 +585,14 @@ def _finalize(
             tracker.log({"final_eval_loss": eval_loss}, step=result.steps)
         tracker.finish(artifacts=[output, run.paths.summary, run.paths.config, prepared.paths.report_html])
     return result
+
+
+def _preference_fields(settings: TrainConfig, parent: Any) -> dict[str, Any]:
+    if settings.method not in PREFERENCE_METHODS:
+        return {}
+    from tuneloop.train.preference import result_fields
+
+    return result_fields(settings, parent)
 
 
 def _final_eval_loss(trainer: Any, keep_best: bool) -> float:

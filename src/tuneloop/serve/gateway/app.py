@@ -27,6 +27,7 @@ from tuneloop.serve.gateway.serving import CompletionServing
 from tuneloop.serve.gateway.state import GatewayState
 from tuneloop.serve.gateway.stores.base import TokenBuckets
 from tuneloop.serve.gateway.tracing import ServerSpanMiddleware, gateway_tracer
+from tuneloop.serve.gateway.traffic import TrafficLog
 from tuneloop.workspace import Workspace
 
 log = logging.getLogger("tuneloop.gateway")
@@ -45,12 +46,13 @@ def create_app(
     workspace: Workspace | None = None,
     registry: Callable[[], Any] | None = None,
     rubric: dict[str, str] | None = None,
+    traffic_log: TrafficLog | None = None,
 ) -> FastAPI:
     """The gateway over `engine`, bounded by `settings` (request size, max_tokens, rate limit); `api_keys` default to
     `settings.api_keys`, `context_limit` to `settings.max_model_len`. Without stores, feedback is kept in memory and
     the Files/Batches API answers 404, and rate limits are counted in this process unless `rate_buckets` (stores/)
     says where. `rubric` (dimension -> what a 5 means) is what /dashboard/rate asks raters to grade; default
-    `eval.rubric`'s."""
+    `eval.rubric`'s. `traffic_log` (serve.log_traffic) logs every served prompt and answer; None: nothing is logged."""
     # Before the routes exist: Sentry's FastAPI integration wraps request handlers as routes are created.
     reporting = init_error_reporting(settings.sentry_dsn, "gateway", settings.sentry_send_content)
     tracer = gateway_tracer(settings, engine)
@@ -66,6 +68,7 @@ def create_app(
         context_limit or settings.max_model_len,
         passthrough=settings.passthrough,
         tracer=tracer,
+        traffic=traffic_log,
     )
     state = GatewayState(engine, router, feedback_store, metrics, serving, batch_store, workspace, registry)
     if workspace is not None:

@@ -25,6 +25,7 @@ from tuneloop.serve.gateway.metrics import GatewayMetrics
 from tuneloop.serve.gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from tuneloop.serve.gateway.routing import Router
 from tuneloop.serve.gateway.tracing import NO_TRACING, GenerationTrace, RequestTracer
+from tuneloop.serve.gateway.traffic import PassthroughCapture, TrafficLog
 
 log = logging.getLogger("tuneloop.gateway")
 
@@ -58,8 +59,10 @@ class CompletionServing:
         context_limit: int,
         passthrough: bool = True,
         tracer: RequestTracer = NO_TRACING,
+        traffic: TrafficLog | None = None,
     ) -> None:
         self.engine = engine
+        self.traffic = traffic  # serve.log_traffic: prompts and answers appended to serve/traffic.jsonl
         self.passthrough = passthrough
         self.tracer = tracer
         self.router = router
@@ -200,6 +203,9 @@ class CompletionServing:
             return text, final
 
         answers = await asyncio.gather(*(one(run) for run in self.choices(generation, body.n)))
+        if self.traffic is not None:
+            totals = replace(answers[0][1], completion_tokens=sum(final.completion_tokens for _, final in answers))
+            self.traffic.record(identifier, body.model, variant, generation, [text for text, _ in answers], totals)
         if chat:
             choices: list[dict[str, Any]] = [
                 {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": final.finish_reason}
@@ -269,8 +275,14 @@ class CompletionServing:
             for index in range(len(runs)):
                 yield event({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         prompt_tokens = completion_tokens = 0
+        texts: list[list[str]] | None = [[] for _ in runs] if self.traffic is not None else None
+        finish_reason = None
         try:
             async for index, chunk in self._merged(runs, body.model):
+                if texts is not None:
+                    texts[index].append(chunk.text)
+                    if index == 0 and chunk.finish_reason:
+                        finish_reason = chunk.finish_reason
                 if chunk.text:
                     delta = {"delta": {"content": chunk.text}} if chat else {"text": chunk.text}
                     yield event({"index": index, **delta, "finish_reason": None})
@@ -284,6 +296,10 @@ class CompletionServing:
             yield f"data: {json.dumps(error_body(str(error), 'server_error', 'engine_error'))}\n\n"
             yield "data: [DONE]\n\n"
             return
+        if self.traffic is not None and texts is not None:
+            answers = ["".join(pieces) for pieces in texts]
+            totals = GenerationChunk("", finish_reason, prompt_tokens, completion_tokens)
+            self.traffic.record(identifier, body.model, variant, generation, answers, totals, stream=True)
         if include_usage:
             yield event(None, usage_of(prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"
@@ -310,10 +326,15 @@ class CompletionServing:
         metrics.running.inc()
         status = "error"
         trace = self.tracer.generation(generation)
+        # Parsing the events for the answer's text costs only when the traffic log is on.
+        capture = PassthroughCapture() if self.traffic is not None else None
+        identifier = ""
         try:
             async for events in self.engine.stream_events(generation):
                 moment = time.perf_counter()
                 trace.read_events(events)
+                if capture is not None:
+                    capture.read(events)
                 if not identified:
                     identified = True
                     found = _RESPONSE_ID.search(events)
@@ -332,6 +353,11 @@ class CompletionServing:
                 if events:
                     yield events
             status = "success"
+            if capture is not None and self.traffic is not None:
+                answer, totals = capture.answer, capture.totals
+                self.traffic.record(
+                    identifier, body.model, variant, generation, [answer], totals, stream=True, passthrough=True
+                )
         except Exception as error:  # the headers are sent: say it in the stream, as vLLM does, then end it
             log.warning("stream for %s failed: %s", body.model, error)
             self._failed(error, trace, generation, body.model)
